@@ -1,0 +1,21 @@
+# Enables CUDA when MC_ENABLE_CUDA is on and nvcc is found; sets MC_CUDA_FOUND.
+# The runtime is linked statically so that the module imports on machines with no CUDA
+# toolkit, and a missing driver only shows up as "0 devices".
+set(MC_CUDA_FOUND OFF)
+if(MC_ENABLE_CUDA)
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    enable_language(CUDA)
+    set(CMAKE_CUDA_STANDARD 17)
+    set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+    set(CMAKE_CUDA_RUNTIME_LIBRARY Static)
+    find_package(CUDAToolkit REQUIRED)
+    set(MC_CUDA_FOUND ON)
+    message(STATUS "mistral_cuda: CUDA backend ON (architectures ${CMAKE_CUDA_ARCHITECTURES})")
+  else()
+    message(STATUS "mistral_cuda: nvcc not found, CUDA backend OFF")
+  endif()
+else()
+  message(STATUS "mistral_cuda: CUDA backend disabled (MC_ENABLE_CUDA=OFF)")
+endif()

@@ -1,0 +1,135 @@
+#include "core/config.h"
+
+#include "core/error.h"
+#include "core/json.h"
+
+namespace mc {
+namespace {
+
+// Reads config fields with the source file named in every message.
+class FieldReader {
+ public:
+  FieldReader(const Json& json, const std::string& source) : json_(json), source_(source) {
+    if (!json.is_object()) fail(ErrorKind::kCheckpoint, source, " must hold a JSON object");
+  }
+
+  const Json* present(const std::string& key) const {
+    const Json* value = json_.find(key);
+    return value && !value->is_null() ? value : nullptr;
+  }
+  int64_t required_int(const std::string& key) const {
+    const Json* value = present(key);
+    if (!value) fail(ErrorKind::kCheckpoint, source_, " is missing the required field '", key, "'");
+    return value->integer(what(key));
+  }
+  int64_t int_or(const std::string& key, int64_t fallback) const {
+    const Json* value = present(key);
+    return value ? value->integer(what(key)) : fallback;
+  }
+  double number_or(const std::string& key, double fallback) const {
+    const Json* value = present(key);
+    return value ? value->number(what(key)) : fallback;
+  }
+  std::string what(const std::string& key) const { return source_ + " field '" + key + "'"; }
+
+ private:
+  const Json& json_;
+  const std::string& source_;
+};
+
+}  // namespace
+
+void ModelConfig::validate() const {
+  auto positive = [](int64_t value, const char* name) {
+    if (value <= 0) fail(ErrorKind::kCheckpoint, "config: ", name, " must be positive, got ", value);
+  };
+  positive(dim, "dim");
+  positive(n_layers, "n_layers");
+  positive(n_heads, "n_heads");
+  positive(n_kv_heads, "n_kv_heads");
+  positive(head_dim, "head_dim");
+  positive(hidden_dim, "hidden_dim");
+  positive(vocab_size, "vocab_size");
+  positive(max_seq_len, "max_seq_len");
+  if (n_heads % n_kv_heads != 0)
+    fail(ErrorKind::kCheckpoint, "config: n_heads (", n_heads, ") must be a multiple of n_kv_heads (", n_kv_heads, ")");
+  if (head_dim % 2 != 0) fail(ErrorKind::kCheckpoint, "config: head_dim must be even for RoPE, got ", head_dim);
+  if (!(norm_eps > 0)) fail(ErrorKind::kCheckpoint, "config: norm_eps must be positive");
+  if (!(rope_theta > 0)) fail(ErrorKind::kCheckpoint, "config: rope_theta must be positive");
+  if (sliding_window && *sliding_window <= 0)
+    fail(ErrorKind::kCheckpoint, "config: sliding_window must be positive or null, got ", *sliding_window);
+  if (vocab_size > INT32_MAX) fail(ErrorKind::kCheckpoint, "config: vocab_size too large");
+  if (n_experts < 0 || n_experts_per_tok < 0)
+    fail(ErrorKind::kCheckpoint, "config: expert counts must not be negative");
+  if (n_experts > 0 && (n_experts_per_tok == 0 || n_experts_per_tok > n_experts))
+    fail(ErrorKind::kCheckpoint, "config: n_experts_per_tok (", n_experts_per_tok, ") must be in 1..n_experts (",
+         n_experts, ")");
+}
+
+ModelConfig ModelConfig::from_hf_json(const Json& json, const std::string& source) {
+  FieldReader fields(json, source);
+  ModelConfig config;
+  config.dim = fields.required_int("hidden_size");
+  config.n_layers = fields.required_int("num_hidden_layers");
+  config.n_heads = fields.required_int("num_attention_heads");
+  config.n_kv_heads = fields.int_or("num_key_value_heads", config.n_heads);
+  config.head_dim = fields.int_or("head_dim", config.n_heads > 0 ? config.dim / config.n_heads : 0);
+  config.hidden_dim = fields.required_int("intermediate_size");
+  config.vocab_size = fields.required_int("vocab_size");
+  config.norm_eps = fields.number_or("rms_norm_eps", 1e-6);
+
+  // transformers >= 5 nests RoPE settings in rope_parameters; older files keep rope_theta flat.
+  config.rope_theta = fields.number_or("rope_theta", 10000.0);
+  if (const Json* rope = fields.present("rope_parameters")) {
+    FieldReader rope_fields(*rope, fields.what("rope_parameters"));
+    config.rope_theta = rope_fields.number_or("rope_theta", config.rope_theta);
+    if (const Json* type = rope_fields.present("rope_type"); type && type->string("rope_type") != "default")
+      fail(ErrorKind::kCheckpoint, source, ": rope_type '", type->string("rope_type"), "' is not supported");
+  }
+  if (fields.present("rope_scaling"))
+    fail(ErrorKind::kCheckpoint, source, ": rope_scaling is not supported by Mistral-family models");
+  if (const Json* act = fields.present("hidden_act"); act && act->string(fields.what("hidden_act")) != "silu")
+    fail(ErrorKind::kCheckpoint, source, ": hidden_act '", act->string("hidden_act"), "' is not supported (silu only)");
+
+  // An absent key takes transformers' class default: Mistral 4096, Mixtral full attention.
+  const Json* model_type = fields.present("model_type");
+  bool mixtral = model_type && model_type->is_string() && model_type->string("model_type") == "mixtral";
+  const Json* window = json.find("sliding_window");
+  if (window == nullptr) {
+    if (!mixtral) config.sliding_window = 4096;
+  } else if (!window->is_null()) {
+    config.sliding_window = window->integer(fields.what("sliding_window"));
+  }
+  config.max_seq_len = fields.int_or("max_position_embeddings", 4096 * 32);
+  config.n_experts = fields.int_or("num_local_experts", 0);
+  config.n_experts_per_tok = config.n_experts > 0 ? fields.int_or("num_experts_per_tok", 2) : 0;
+  if (const Json* tie = fields.present("tie_word_embeddings")) config.tie_embeddings = tie->boolean(fields.what("tie_word_embeddings"));
+  config.validate();
+  return config;
+}
+
+ModelConfig ModelConfig::from_mistral_json(const Json& json, const std::string& source) {
+  FieldReader fields(json, source);
+  ModelConfig config;
+  config.dim = fields.required_int("dim");
+  config.n_layers = fields.required_int("n_layers");
+  config.n_heads = fields.required_int("n_heads");
+  config.n_kv_heads = fields.int_or("n_kv_heads", config.n_heads);
+  config.head_dim = fields.int_or("head_dim", config.n_heads > 0 ? config.dim / config.n_heads : 0);
+  config.hidden_dim = fields.required_int("hidden_dim");
+  config.vocab_size = fields.required_int("vocab_size");
+  config.norm_eps = fields.number_or("norm_eps", 1e-5);
+  config.rope_theta = fields.number_or("rope_theta", 10000.0);
+  if (const Json* window = fields.present("sliding_window"))
+    config.sliding_window = window->integer(fields.what("sliding_window"));
+  config.max_seq_len = fields.int_or("max_seq_len", 32768);
+  if (const Json* moe = fields.present("moe")) {
+    FieldReader moe_fields(*moe, fields.what("moe"));
+    config.n_experts = moe_fields.required_int("num_experts");
+    config.n_experts_per_tok = moe_fields.required_int("num_experts_per_tok");
+  }
+  config.validate();
+  return config;
+}
+
+}  // namespace mc

@@ -1,0 +1,41 @@
+// Model hyper-parameters, read from either checkpoint layout:
+//   Hugging Face `config.json` (hidden_size, num_hidden_layers, ...) or
+//   Mistral's `params.json` (dim, n_layers, ..., "moe": {...}).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace mc {
+
+class Json;
+
+struct ModelConfig {
+  int64_t dim = 0;         // residual width
+  int64_t n_layers = 0;
+  int64_t n_heads = 0;     // query heads
+  int64_t n_kv_heads = 0;  // key/value heads (GQA: n_heads is a multiple)
+  int64_t head_dim = 0;    // may differ from dim / n_heads
+  int64_t hidden_dim = 0;  // SwiGLU FFN width (per expert for MoE)
+  int64_t vocab_size = 0;
+  double norm_eps = 1e-5;
+  double rope_theta = 10000.0;
+  std::optional<int64_t> sliding_window;  // nullopt = full attention
+  int64_t max_seq_len = 32768;            // positions allowed for full attention
+  int64_t n_experts = 0;                  // 0 = dense FFN
+  int64_t n_experts_per_tok = 0;
+  bool tie_embeddings = false;            // LM head shares the token embedding
+
+  bool is_moe() const { return n_experts > 0; }
+  int64_t q_dim() const { return n_heads * head_dim; }
+  int64_t kv_dim() const { return n_kv_heads * head_dim; }
+
+  // Throws kCheckpoint naming the first inconsistent field.
+  void validate() const;
+
+  static ModelConfig from_hf_json(const Json& json, const std::string& source);
+  static ModelConfig from_mistral_json(const Json& json, const std::string& source);
+};
+
+}  // namespace mc

@@ -1,0 +1,57 @@
+// Index math of the paged KV cache, shared by the CPU backend and the CUDA kernels.
+//
+// Per layer, K and V live in pools shaped [num_blocks, block_size, n_kv_heads, head_dim].
+// A sequence owns a block table: entry i names the physical block holding logical block i.
+// Position p sits in logical block p / block_size at slot p % block_size.
+//
+// Sliding window W: a query at position p sees keys p-W+1 .. p. Those span at most
+// R = ceil(W / block_size) + 1 logical blocks, so the table is a ring of R entries and logical
+// block L lives in entry L % R. Worked example: W=7, block_size=4 -> R=3; at p=13 the live
+// positions 7..13 are logical blocks 1..3 -> ring entries 1, 2, 0.
+// Keys are cached after RoPE at their absolute positions, so a wrapped ring needs no
+// re-rotation, and masks compare absolute positions, never slots.
+#pragma once
+
+#include <cstdint>
+
+#include "core/hd.h"
+
+namespace mc {
+
+struct KvLayout {
+  int32_t block_size = 16;
+  int32_t ring_blocks = 0;  // R for a sliding window; 0 = full attention, the table only grows
+  int64_t window = 0;       // W; 0 = full attention
+
+  MC_HD static int32_t ring_blocks_for(int64_t window, int32_t block_size) {
+    return window > 0 ? static_cast<int32_t>((window + block_size - 1) / block_size + 1) : 0;
+  }
+
+  MC_HD int64_t logical_block(int64_t pos) const { return pos / block_size; }
+  MC_HD int32_t slot_in_block(int64_t pos) const { return static_cast<int32_t>(pos % block_size); }
+  // Index into the sequence's block table of the block holding `pos`.
+  MC_HD int64_t table_index(int64_t pos) const {
+    int64_t block = logical_block(pos);
+    return ring_blocks > 0 ? block % ring_blocks : block;
+  }
+  // Row of `pos` in a pool viewed as [num_blocks * block_size, n_kv_heads, head_dim].
+  MC_HD int64_t pool_row(const int32_t* block_table, int64_t pos) const {
+    return static_cast<int64_t>(block_table[table_index(pos)]) * block_size + slot_in_block(pos);
+  }
+  // First key position visible from a query at `q_pos` (causal + sliding window).
+  MC_HD int64_t first_visible(int64_t q_pos) const {
+    return window > 0 && q_pos - window + 1 > 0 ? q_pos - window + 1 : 0;
+  }
+  // First position of a chunk ending before `end` whose K/V must stay cached for later queries:
+  // the last W positions under a window, every position otherwise.
+  MC_HD int64_t first_kept(int64_t begin, int64_t end) const {
+    return window > 0 && end - window > begin ? end - window : begin;
+  }
+};
+
+// GQA: query head h reads key/value head h / (n_heads / n_kv_heads).
+MC_HD inline int32_t kv_head_of(int32_t q_head, int32_t n_heads, int32_t n_kv_heads) {
+  return q_head / (n_heads / n_kv_heads);
+}
+
+}  // namespace mc

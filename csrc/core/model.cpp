@@ -1,0 +1,130 @@
+#include "core/model.h"
+
+#include <algorithm>
+#include <set>
+
+#include "core/device.h"
+#include "core/error.h"
+#include "cpu/cpu_backend.h"
+
+namespace mc {
+namespace {
+
+constexpr int32_t kMaxBlockSize = 4096;
+
+std::string resolve_device(const std::string& device) {
+  if (device == "cpu") return device;
+  if (device == "cuda" || device == "auto") {
+    if (device == "auto") return "cpu";  // until the CUDA backend exists, "auto" means the CPU
+    fail(ErrorKind::kUnsupported, cuda_compiled() ? "the CUDA backend is not implemented yet"
+                                                  : "this build has no CUDA backend",
+         "; use device='cpu' (", cuda_device_count(), " CUDA device(s) visible)");
+  }
+  fail(ErrorKind::kInvalidRequest, "unknown device '", device, "' (expected 'cpu', 'cuda' or 'auto')");
+}
+
+}  // namespace
+
+Model::Model(ModelConfig config, KvLayout layout, int64_t num_blocks, std::string device)
+    : config_(std::move(config)), blocks_(layout, num_blocks), device_(std::move(device)) {}
+
+int64_t Model::default_num_blocks(const ModelConfig& config, int32_t block_size) {
+  const int64_t per_sequence = config.sliding_window
+                                   ? KvLayout::ring_blocks_for(*config.sliding_window, block_size)
+                                   : (config.max_seq_len + block_size - 1) / block_size;
+  const int64_t bytes_per_block = config.n_layers * 2 * block_size * config.kv_dim() * 4;
+  const int64_t budget_blocks = (int64_t{8} << 30) / bytes_per_block;
+  return std::max<int64_t>(per_sequence, std::min<int64_t>(4 * per_sequence, budget_blocks));
+}
+
+std::unique_ptr<Model> Model::load(const std::string& model_dir, const ModelOptions& options) {
+  std::string device = resolve_device(options.device);
+  if (options.block_size <= 0 || options.block_size > kMaxBlockSize)
+    fail(ErrorKind::kInvalidRequest, "block_size must be in 1..", kMaxBlockSize, ", got ", options.block_size);
+  if (options.num_blocks < 0) fail(ErrorKind::kInvalidRequest, "num_blocks must be positive, got ", options.num_blocks);
+
+  Checkpoint checkpoint = load_checkpoint(model_dir, options.dtype, options.progress);
+  const ModelConfig& config = checkpoint.config;
+  KvLayout layout;
+  layout.block_size = options.block_size;
+  layout.window = config.sliding_window.value_or(0);
+  layout.ring_blocks = KvLayout::ring_blocks_for(layout.window, layout.block_size);
+  const int64_t num_blocks = options.num_blocks > 0 ? options.num_blocks : default_num_blocks(config, options.block_size);
+
+  std::unique_ptr<Model> model(new Model(config, layout, num_blocks, device));
+  model->backend_ = std::make_unique<cpu::CpuBackend>(config, std::move(checkpoint.weights), layout, num_blocks);
+  return model;
+}
+
+int64_t Model::logit_rows(const std::vector<StepEntry>& entries, bool all_logits) {
+  if (!all_logits) return static_cast<int64_t>(entries.size());
+  int64_t rows = 0;
+  for (const StepEntry& entry : entries) rows += static_cast<int64_t>(entry.tokens.size());
+  return rows;
+}
+
+void Model::validate(const std::vector<StepEntry>& entries) const {
+  if (entries.empty()) fail(ErrorKind::kInvalidRequest, "step needs at least one (sequence, tokens) entry");
+  std::set<int32_t> seen;
+  for (const StepEntry& entry : entries) {
+    blocks_.require_sequence(entry.seq);
+    if (!seen.insert(entry.seq).second)
+      fail(ErrorKind::kInvalidRequest, "sequence ", entry.seq, " appears more than once in one step");
+    if (entry.tokens.empty()) fail(ErrorKind::kInvalidRequest, "empty token list for sequence ", entry.seq);
+    for (size_t i = 0; i < entry.tokens.size(); ++i) {
+      const int64_t token = entry.tokens[i];
+      if (token < 0 || token >= config_.vocab_size)
+        fail(ErrorKind::kInvalidRequest, "token id ", token, " at index ", i, " for sequence ", entry.seq,
+             " is out of range [0, ", config_.vocab_size, ") (vocab_size ", config_.vocab_size, ")");
+    }
+    const int64_t end = blocks_.length(entry.seq) + static_cast<int64_t>(entry.tokens.size());
+    if (!config_.sliding_window && end > config_.max_seq_len)
+      fail(ErrorKind::kInvalidRequest, "sequence ", entry.seq, " would reach position ", end - 1,
+           ", past max_seq_len ", config_.max_seq_len, " of this full-attention model");
+  }
+}
+
+void Model::step(const std::vector<StepEntry>& entries, bool all_logits, float* logits) {
+  validate(entries);
+  const KvLayout& layout = blocks_.layout();
+
+  int64_t needed = 0;
+  for (const StepEntry& entry : entries) {
+    const int64_t start = blocks_.length(entry.seq), end = start + static_cast<int64_t>(entry.tokens.size());
+    needed += blocks_.blocks_needed(entry.seq, layout.first_kept(start, end), end);
+  }
+  if (needed > blocks_.free_blocks())
+    fail(ErrorKind::kCacheFull, "KV cache is full: this step needs ", needed, " more blocks but only ",
+         blocks_.free_blocks(), " of ", blocks_.num_blocks(),
+         " are free (free finished sequences or load with a larger num_blocks)");
+
+  StepBatch batch;
+  batch.cu_seqlens.push_back(0);
+  for (const StepEntry& entry : entries) {
+    const int64_t start = blocks_.length(entry.seq), end = start + static_cast<int64_t>(entry.tokens.size());
+    blocks_.allocate(entry.seq, layout.first_kept(start, end), end);
+    batch.start_pos.push_back(start);
+    for (int64_t pos = start; pos < end; ++pos) batch.positions.push_back(pos);
+    for (int64_t token : entry.tokens) batch.tokens.push_back(static_cast<int32_t>(token));
+    batch.cu_seqlens.push_back(static_cast<int32_t>(batch.tokens.size()));
+    batch.max_blocks = std::max(batch.max_blocks, static_cast<int32_t>(blocks_.table(entry.seq).size()));
+    if (all_logits) {
+      for (int32_t row = batch.cu_seqlens[batch.cu_seqlens.size() - 2]; row < batch.cu_seqlens.back(); ++row)
+        batch.logit_rows.push_back(row);
+    } else {
+      batch.logit_rows.push_back(batch.cu_seqlens.back() - 1);
+    }
+  }
+  batch.max_blocks = std::max(batch.max_blocks, 1);
+  batch.block_tables.assign(static_cast<size_t>(batch.n_entries()) * batch.max_blocks, -1);
+  for (int32_t e = 0; e < batch.n_entries(); ++e) {
+    const auto& table = blocks_.table(entries[e].seq);
+    std::copy(table.begin(), table.end(), batch.block_tables.begin() + static_cast<int64_t>(e) * batch.max_blocks);
+  }
+
+  backend_->forward(batch, logits);
+  for (const StepEntry& entry : entries)
+    blocks_.set_length(entry.seq, blocks_.length(entry.seq) + static_cast<int64_t>(entry.tokens.size()));
+}
+
+}  // namespace mc

@@ -1,0 +1,66 @@
+// The model runner: one call to step() runs a batch of (sequence, new tokens) entries, mixing
+// prefill chunks and decode tokens, through the paged KV cache, and returns logits.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/block_manager.h"
+#include "core/checkpoint.h"
+#include "core/config.h"
+
+namespace mc {
+
+struct ModelOptions {
+  std::string device = "cpu";  // "cpu" | "cuda" | "auto"
+  DType dtype = DType::kF32;
+  int32_t block_size = 16;
+  int64_t num_blocks = 0;      // 0 = default_num_blocks()
+  ProgressFn progress;         // called while weights load
+};
+
+struct StepEntry {
+  int32_t seq = 0;
+  std::vector<int64_t> tokens;  // wide so that out-of-range ids are caught, not wrapped
+};
+
+class Model {
+ public:
+  static std::unique_ptr<Model> load(const std::string& model_dir, const ModelOptions& options);
+
+  const ModelConfig& config() const { return config_; }
+  const std::string& device() const { return device_; }
+  int32_t block_size() const { return blocks_.layout().block_size; }
+  int64_t num_blocks() const { return blocks_.num_blocks(); }
+  int64_t free_blocks() const { return blocks_.free_blocks(); }
+
+  int32_t add_sequence() { return blocks_.add_sequence(); }
+  void free_sequence(int32_t seq) { blocks_.free_sequence(seq); }
+  int64_t blocks_in_use(int32_t seq) const { return blocks_.blocks_in_use(seq); }
+  int64_t sequence_length(int32_t seq) const { return blocks_.length(seq); }
+
+  // Rows of logits step() writes: one per entry, or one per token with all_logits.
+  static int64_t logit_rows(const std::vector<StepEntry>& entries, bool all_logits);
+
+  // Validates the whole batch first (nothing changes on error), appends each entry's K/V to
+  // its sequence and writes logits [logit_rows, vocab_size] to `logits` in entry order.
+  void step(const std::vector<StepEntry>& entries, bool all_logits, float* logits);
+
+  // Enough blocks for four sequences at full length (a window's ring under sliding-window
+  // attention), capped near 8 GiB of float32 K/V unless one sequence needs more.
+  static int64_t default_num_blocks(const ModelConfig& config, int32_t block_size);
+
+ private:
+  Model(ModelConfig config, KvLayout layout, int64_t num_blocks, std::string device);
+  void validate(const std::vector<StepEntry>& entries) const;
+
+  ModelConfig config_;
+  BlockManager blocks_;
+  std::string device_;
+  std::unique_ptr<Backend> backend_;
+};
+
+}  // namespace mc

@@ -1,0 +1,80 @@
+#include "cpu/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace mc::cpu {
+namespace {
+
+float dot(const float* a, const float* b, int32_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int32_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+}  // namespace
+
+void paged_attention(const AttentionParams& p) {
+  const int32_t total_tokens = p.cu_seqlens[p.n_entries];
+  const int32_t group = p.n_heads / p.n_kv_heads;
+  const int32_t dh = p.head_dim;
+  const int64_t kv_stride = static_cast<int64_t>(p.n_kv_heads) * dh;  // one token's K row
+
+  // One work item = one token x one KV head: each key is loaded once for the whole query group.
+#pragma omp parallel
+  {
+    std::vector<float> scores;  // [group, keys]
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t item = 0; item < static_cast<int64_t>(total_tokens) * p.n_kv_heads; ++item) {
+      const int32_t token = static_cast<int32_t>(item / p.n_kv_heads);
+      const int32_t kv_head = static_cast<int32_t>(item % p.n_kv_heads);
+      const int32_t entry = static_cast<int32_t>(
+          std::upper_bound(p.cu_seqlens, p.cu_seqlens + p.n_entries + 1, token) - p.cu_seqlens - 1);
+      const int64_t start = p.start_pos[entry];
+      const int64_t q_pos = start + (token - p.cu_seqlens[entry]);
+      const int64_t first = p.layout.first_visible(q_pos);
+      const int64_t n_keys = q_pos - first + 1;
+      const int32_t* table = p.block_tables + static_cast<int64_t>(entry) * p.max_blocks;
+      const int64_t entry_row0 = p.cu_seqlens[entry];
+
+      // Key/value row of position `pos`: this step's activations, or the cache for the prefix.
+      auto row_of = [&](const float* fresh, const float* pool, int64_t pos) {
+        const float* base = pos >= start ? fresh + (entry_row0 + (pos - start)) * kv_stride
+                                         : pool + p.layout.pool_row(table, pos) * kv_stride;
+        return base + static_cast<int64_t>(kv_head) * dh;
+      };
+
+      scores.assign(static_cast<size_t>(group) * n_keys, 0.0f);
+      const float* q_base = p.q + (static_cast<int64_t>(token) * p.n_heads + kv_head * group) * dh;
+      for (int64_t j = 0; j < n_keys; ++j) {
+        const float* k = row_of(p.k_new, p.k_pool, first + j);
+        for (int32_t g = 0; g < group; ++g) scores[g * n_keys + j] = dot(q_base + g * dh, k, dh) * p.scale;
+      }
+      for (int32_t g = 0; g < group; ++g) {
+        float* s = scores.data() + g * n_keys;
+        float max_score = *std::max_element(s, s + n_keys);
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n_keys; ++j) {
+          s[j] = std::exp(s[j] - max_score);
+          sum += s[j];
+        }
+        for (int64_t j = 0; j < n_keys; ++j) s[j] /= sum;
+      }
+      float* out_base = p.out + (static_cast<int64_t>(token) * p.n_heads + kv_head * group) * dh;
+      std::fill(out_base, out_base + static_cast<int64_t>(group) * dh, 0.0f);
+      for (int64_t j = 0; j < n_keys; ++j) {
+        const float* v = row_of(p.v_new, p.v_pool, first + j);
+        for (int32_t g = 0; g < group; ++g) {
+          const float w = scores[g * n_keys + j];
+          float* o = out_base + g * dh;
+#pragma omp simd
+          for (int32_t d = 0; d < dh; ++d) o[d] += w * v[d];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace mc::cpu
