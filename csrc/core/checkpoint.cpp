@@ -48,7 +48,7 @@ void require_dir(const std::string& model_dir) {
 CheckpointLayout detect_layout(const std::string& model_dir) {
   if (is_file(model_dir + "/config.json")) return CheckpointLayout::kHuggingFace;
   if (is_file(model_dir + "/params.json")) return CheckpointLayout::kMistral;
-  fail(ErrorKind::kCheckpoint, model_dir, " holds neither config.json (Hugging Face layout) nor params.json",
+  fail(ErrorKind::kFileNotFound, model_dir, " holds neither config.json (Hugging Face layout) nor params.json",
        " (Mistral consolidated layout)");
 }
 
@@ -100,20 +100,20 @@ TensorIndex open_hf_files(const std::string& model_dir) {
       shards.insert(file.string(index_path + " weight_map entry '" + name + "'"));
     for (const std::string& shard : shards) {
       if (shard.find('/') != std::string::npos) fail(ErrorKind::kCheckpoint, index_path, " names a shard outside the directory: ", shard);
-      if (!is_file(model_dir + "/" + shard)) fail(ErrorKind::kCheckpoint, index_path, " names a missing shard: ", shard);
+      if (!is_file(model_dir + "/" + shard)) fail(ErrorKind::kFileNotFound, index_path, " names a missing shard: ", shard);
       index.add_file(model_dir + "/" + shard);
     }
   } else if (is_file(single)) {
     index.add_file(single);
   } else {
-    fail(ErrorKind::kCheckpoint, model_dir, " has neither model.safetensors nor model.safetensors.index.json");
+    fail(ErrorKind::kFileNotFound, model_dir, " has neither model.safetensors nor model.safetensors.index.json");
   }
   return index;
 }
 
 TensorIndex open_mistral_files(const std::string& model_dir) {
   std::string path = model_dir + "/consolidated.safetensors";
-  if (!is_file(path)) fail(ErrorKind::kCheckpoint, model_dir, " has params.json but no consolidated.safetensors");
+  if (!is_file(path)) fail(ErrorKind::kFileNotFound, model_dir, " has params.json but no consolidated.safetensors");
   TensorIndex index;
   index.add_file(path);
   return index;

@@ -34,7 +34,7 @@ class FieldReader {
 
  private:
   const Json& json_;
-  const std::string& source_;
+  std::string source_;
 };
 
 }  // namespace

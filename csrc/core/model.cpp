@@ -56,6 +56,31 @@ std::unique_ptr<Model> Model::load(const std::string& model_dir, const ModelOpti
   return model;
 }
 
+int32_t Model::add_sequence() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return blocks_.add_sequence();
+}
+
+void Model::free_sequence(int32_t seq) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  blocks_.free_sequence(seq);
+}
+
+int64_t Model::blocks_in_use(int32_t seq) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return blocks_.blocks_in_use(seq);
+}
+
+int64_t Model::sequence_length(int32_t seq) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return blocks_.length(seq);
+}
+
+int64_t Model::free_blocks() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return blocks_.free_blocks();
+}
+
 int64_t Model::logit_rows(const std::vector<StepEntry>& entries, bool all_logits) {
   if (!all_logits) return static_cast<int64_t>(entries.size());
   int64_t rows = 0;
@@ -85,6 +110,7 @@ void Model::validate(const std::vector<StepEntry>& entries) const {
 }
 
 void Model::step(const std::vector<StepEntry>& entries, bool all_logits, float* logits) {
+  std::lock_guard<std::mutex> lock(mutex_);
   validate(entries);
   const KvLayout& layout = blocks_.layout();
 

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -35,12 +36,13 @@ class Model {
   const std::string& device() const { return device_; }
   int32_t block_size() const { return blocks_.layout().block_size; }
   int64_t num_blocks() const { return blocks_.num_blocks(); }
-  int64_t free_blocks() const { return blocks_.free_blocks(); }
 
-  int32_t add_sequence() { return blocks_.add_sequence(); }
-  void free_sequence(int32_t seq) { blocks_.free_sequence(seq); }
-  int64_t blocks_in_use(int32_t seq) const { return blocks_.blocks_in_use(seq); }
-  int64_t sequence_length(int32_t seq) const { return blocks_.length(seq); }
+  // Thread-safe: calls from several threads are serialized.
+  int32_t add_sequence();
+  void free_sequence(int32_t seq);
+  int64_t blocks_in_use(int32_t seq) const;
+  int64_t sequence_length(int32_t seq) const;
+  int64_t free_blocks() const;
 
   // Rows of logits step() writes: one per entry, or one per token with all_logits.
   static int64_t logit_rows(const std::vector<StepEntry>& entries, bool all_logits);
@@ -61,6 +63,7 @@ class Model {
   BlockManager blocks_;
   std::string device_;
   std::unique_ptr<Backend> backend_;
+  mutable std::mutex mutex_;  // guards blocks_ and the backend's cache
 };
 
 }  // namespace mc
