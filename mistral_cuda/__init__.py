@@ -11,19 +11,30 @@ from mistral_cuda._C import (
     cuda_compiled,
     cuda_device_count,
 )
-from mistral_cuda.engine import Engine
+from mistral_cuda import sampling
+from mistral_cuda.engine import Engine, Stream
+from mistral_cuda.generation import CompletionOutput
+from mistral_cuda.sampling import SamplingParams, TokenLogprob
+from mistral_cuda.tokenizer import StreamDecoder, Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CacheFullError",
     "CheckpointError",
+    "CompletionOutput",
     "Engine",
     "Error",
     "InvalidRequestError",
     "ModelConfig",
     "ModelNotFoundError",
+    "SamplingParams",
+    "Stream",
+    "StreamDecoder",
+    "TokenLogprob",
+    "Tokenizer",
     "UnsupportedError",
     "cuda_compiled",
     "cuda_device_count",
+    "sampling",
 ]

@@ -22,8 +22,17 @@ void paged_attention(const AttentionParams& p) {
   const int32_t dh = p.head_dim;
   const int64_t kv_stride = static_cast<int64_t>(p.n_kv_heads) * dh;  // one token's K row
 
+  // Multiply-adds of the step, to skip the thread team when it would cost more than it saves.
+  int64_t work = 0;
+  for (int32_t e = 0; e < p.n_entries; ++e) {
+    const int64_t tokens = p.cu_seqlens[e + 1] - p.cu_seqlens[e];
+    const int64_t end = p.start_pos[e] + tokens;
+    work += tokens * (p.layout.window > 0 && p.layout.window < end ? p.layout.window : end);
+  }
+  work *= static_cast<int64_t>(p.n_heads) * dh * 2;
+
   // One work item = one token x one KV head: each key is loaded once for the whole query group.
-#pragma omp parallel
+#pragma omp parallel if (work >= (int64_t{1} << 18))
   {
     std::vector<float> scores;  // [group, keys]
 #pragma omp for schedule(dynamic, 4)

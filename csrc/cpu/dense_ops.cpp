@@ -53,7 +53,10 @@ void matmul(const float* x, const float* w, float* y, int64_t T, int64_t N, int6
   constexpr int kRows = 4;
   constexpr int kTok = 2;
   const int64_t row_blocks = (N + kRows - 1) / kRows;
-#pragma omp parallel for schedule(static)
+  // Below ~256k multiply-adds a parallel region costs more than it saves (and on a busy
+  // machine a barrier can wait a whole scheduler slice for a descheduled thread).
+  const bool parallel = T * N * K >= (int64_t{1} << 18);
+#pragma omp parallel for schedule(static) if (parallel)
   for (int64_t block = 0; block < row_blocks; ++block) {
     const int64_t n = block * kRows;
     const int64_t rows = N - n < kRows ? N - n : kRows;
@@ -72,7 +75,7 @@ void matmul(const float* x, const float* w, float* y, int64_t T, int64_t N, int6
 }
 
 void rms_norm(const float* x, const float* weight, float* y, int64_t T, int64_t D, float eps) {
-#pragma omp parallel for schedule(static) if (T > 1)
+#pragma omp parallel for schedule(static) if (T * D >= (int64_t{1} << 17))
   for (int64_t t = 0; t < T; ++t) {
     const float* row = x + t * D;
     double sum_sq = 0.0;
@@ -93,7 +96,7 @@ void rope_tables(const int64_t* positions, const float* inv_freq, int64_t T, int
 
 void rope(float* x, const float* cos, const float* sin, int64_t T, int64_t heads, int64_t head_dim) {
   const int64_t half = head_dim / 2;
-#pragma omp parallel for schedule(static) if (T > 1)
+#pragma omp parallel for schedule(static) if (T * heads * head_dim >= (int64_t{1} << 17))
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < heads; ++h) {
       float* v = x + (t * heads + h) * head_dim;

@@ -1,0 +1,5 @@
+import sys
+
+from mistral_cuda.cli import main
+
+sys.exit(main())
