@@ -14,16 +14,18 @@ namespace mc {
 // Attention of a step's new tokens over each sequence's cached prefix plus the step's own keys.
 // Keys of positions >= start_pos[e] come from k_new/v_new (this step's activations), older ones
 // from the pools: so a chunk is attended before any of it is written to a rolling buffer.
-struct AttentionParams {
-  const float* q;             // [T, H, Dh], RoPE applied
-  const float* k_new;         // [T, KVH, Dh], RoPE applied
-  const float* v_new;         // [T, KVH, Dh]
-  const float* k_pool;        // [num_blocks, block_size, KVH, Dh]
-  const float* v_pool;        // [num_blocks, block_size, KVH, Dh]
+// T is the element type: float on the CPU, __nv_bfloat16 or __half on the GPU.
+template <typename T>
+struct AttentionParamsT {
+  const T* q;                   // [T, H, Dh], RoPE applied
+  const T* k_new;               // [T, KVH, Dh], RoPE applied
+  const T* v_new;               // [T, KVH, Dh]
+  const T* k_pool;              // [num_blocks, block_size, KVH, Dh]
+  const T* v_pool;              // [num_blocks, block_size, KVH, Dh]
   const int32_t* block_tables;  // [n_entries, max_blocks], -1 = unallocated
   const int32_t* cu_seqlens;    // [n_entries + 1] token offsets of each entry
   const int64_t* start_pos;     // [n_entries] cached length before this step
-  float* out;                   // [T, H, Dh]
+  T* out;                       // [T, H, Dh]
   int32_t n_entries = 0;
   int32_t max_blocks = 0;
   int32_t n_heads = 0;
@@ -32,6 +34,26 @@ struct AttentionParams {
   float scale = 1.0f;  // 1 / sqrt(Dh)
   KvLayout layout;
 };
+using AttentionParams = AttentionParamsT<float>;
+
+// Writes each entry's new K/V rows into the pools at the slots the layout gives, keeping only
+// positions >= layout.first_kept(start, end): the last W under a sliding window, all otherwise.
+template <typename T>
+struct KvAppendParamsT {
+  const T* k;                   // [T, KVH, Dh]
+  const T* v;                   // [T, KVH, Dh]
+  T* k_pool;                    // [num_blocks, block_size, KVH, Dh]
+  T* v_pool;
+  const int32_t* block_tables;  // [n_entries, max_blocks]
+  const int32_t* cu_seqlens;    // [n_entries + 1]
+  const int64_t* start_pos;     // [n_entries]
+  int32_t n_entries = 0;
+  int32_t max_blocks = 0;
+  int32_t n_kv_heads = 0;
+  int32_t head_dim = 0;
+  KvLayout layout;
+};
+using KvAppendParams = KvAppendParamsT<float>;
 
 // Mixtral routing of one token: the K largest router logits (ties to the lower expert index);
 // their weights are the softmax over those K logits, equal to a softmax over all E renormalized

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace mc::cpu {
@@ -82,6 +83,21 @@ void paged_attention(const AttentionParams& p) {
           for (int32_t d = 0; d < dh; ++d) o[d] += w * v[d];
         }
       }
+    }
+  }
+}
+
+void kv_append(const KvAppendParams& p) {
+  const int64_t kv_dim = static_cast<int64_t>(p.n_kv_heads) * p.head_dim;
+  for (int32_t e = 0; e < p.n_entries; ++e) {
+    const int64_t start = p.start_pos[e];
+    const int64_t end = start + (p.cu_seqlens[e + 1] - p.cu_seqlens[e]);
+    const int32_t* table = p.block_tables + static_cast<int64_t>(e) * p.max_blocks;
+    for (int64_t pos = p.layout.first_kept(start, end); pos < end; ++pos) {
+      const int64_t src = (p.cu_seqlens[e] + (pos - start)) * kv_dim;
+      const int64_t dst = p.layout.pool_row(table, pos) * kv_dim;
+      std::memcpy(p.k_pool + dst, p.k + src, kv_dim * sizeof(float));
+      std::memcpy(p.v_pool + dst, p.v + src, kv_dim * sizeof(float));
     }
   }
 }

@@ -1,4 +1,5 @@
-// CPU reference of paged GQA attention with causal and sliding-window masks.
+// CPU reference of paged GQA attention with causal and sliding-window masks, and of the
+// K/V append into the paged cache.
 #pragma once
 
 #include "core/op_params.h"
@@ -6,5 +7,8 @@
 namespace mc::cpu {
 
 void paged_attention(const AttentionParams& p);
+
+// Appends a step's K/V to the pools (after paged_attention has read the prefix).
+void kv_append(const KvAppendParams& p);
 
 }  // namespace mc::cpu

@@ -93,26 +93,22 @@ void CpuBackend::attention_block(const LayerWeights& layer, int64_t layer_index,
   paged_attention(params);
 
   // The chunk has been attended: only now may its K/V enter the (possibly rolling) cache.
-  write_kv(layer_index, batch, k.data(), v.data());
+  KvAppendParams append;
+  append.k = k.data();
+  append.v = v.data();
+  append.k_pool = k_pools_[layer_index].f32();
+  append.v_pool = v_pools_[layer_index].f32();
+  append.block_tables = batch.block_tables.data();
+  append.cu_seqlens = batch.cu_seqlens.data();
+  append.start_pos = batch.start_pos.data();
+  append.n_entries = batch.n_entries();
+  append.max_blocks = batch.max_blocks;
+  append.n_kv_heads = params.n_kv_heads;
+  append.head_dim = params.head_dim;
+  append.layout = layout_;
+  kv_append(append);
   matmul(attn.data(), layer.wo.f32(), o.data(), T, D, q_dim);
   add_inplace(x, o.data(), T * D);
-}
-
-void CpuBackend::write_kv(int64_t layer_index, const StepBatch& batch, const float* k, const float* v) {
-  const int64_t kv_dim = config_.kv_dim();
-  float* k_pool = k_pools_[layer_index].f32();
-  float* v_pool = v_pools_[layer_index].f32();
-  for (int32_t e = 0; e < batch.n_entries(); ++e) {
-    const int64_t start = batch.start_pos[e];
-    const int64_t end = start + (batch.cu_seqlens[e + 1] - batch.cu_seqlens[e]);
-    const int32_t* table = batch.block_tables.data() + static_cast<int64_t>(e) * batch.max_blocks;
-    for (int64_t pos = layout_.first_kept(start, end); pos < end; ++pos) {
-      const int64_t src = (batch.cu_seqlens[e] + (pos - start)) * kv_dim;
-      const int64_t dst = layout_.pool_row(table, pos) * kv_dim;
-      std::memcpy(k_pool + dst, k + src, kv_dim * sizeof(float));
-      std::memcpy(v_pool + dst, v + src, kv_dim * sizeof(float));
-    }
-  }
 }
 
 }  // namespace mc::cpu

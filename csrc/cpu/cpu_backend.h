@@ -18,7 +18,6 @@ class CpuBackend : public Backend {
 
  private:
   void attention_block(const LayerWeights& layer, int64_t layer_index, const StepBatch& batch, float* x);
-  void write_kv(int64_t layer_index, const StepBatch& batch, const float* k, const float* v);
 
   ModelConfig config_;
   ModelWeights weights_;
