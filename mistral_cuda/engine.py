@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mistral_cuda import _C, generation
+from mistral_cuda.cuda_libs import preload_cublas
 from mistral_cuda.generation import CompletionOutput, Request
 from mistral_cuda.sampling import SamplingParams
 from mistral_cuda.tokenizer import Tokenizer, find_tokenizer_file
@@ -19,9 +20,10 @@ Prompt = Union[str, Sequence[int]]
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _dtype_name(dtype: Union[None, str, torch.dtype]) -> str:
+def _dtype_name(dtype: Union[None, str, torch.dtype]) -> Optional[str]:
+    """None (the backend's default: float32 on the CPU, bfloat16 on CUDA), or a dtype name."""
     if dtype is None:
-        return "float32"  # the CPU backend computes in float32 whatever the checkpoint holds
+        return None
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPE_NAMES:
             raise ValueError(f"unsupported dtype {dtype}; expected float32, bfloat16 or float16")
@@ -29,6 +31,11 @@ def _dtype_name(dtype: Union[None, str, torch.dtype]) -> str:
     if isinstance(dtype, str):
         return dtype.removeprefix("torch.")
     raise TypeError(f"dtype must be None, a str or a torch.dtype, got {type(dtype).__name__}")
+
+
+def _prepare_device(device: str) -> None:
+    if device in ("cuda", "auto") and _C.cuda_compiled() and _C.cuda_device_count() > 0:
+        preload_cublas()
 
 
 class Engine:
@@ -74,6 +81,7 @@ class Engine:
             tokenizer = Tokenizer.from_file(found) if found is not None else None
         elif not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_file(tokenizer)
+        _prepare_device(device)
         bar = tqdm(total=0, unit="B", unit_scale=True, desc="Loading weights", disable=not progress)
 
         def report(done: int, total: int) -> None:
@@ -97,6 +105,33 @@ class Engine:
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {engine.config.vocab_size}"
             )
         return engine
+
+    @classmethod
+    def from_config(
+        cls,
+        config: _C.ModelConfig,
+        device: str = "cpu",
+        dtype: Union[None, str, torch.dtype] = None,
+        seed: int = 0,
+        block_size: int = 16,
+        num_blocks: Optional[int] = None,
+        tokenizer: Union[None, str, os.PathLike, Tokenizer] = None,
+    ) -> "Engine":
+        """A model of `config` (e.g. ModelConfig.preset("mistral-7b-v0.1")) with random weights
+        drawn from `seed` directly on the device: for benchmarks without a checkpoint. The same
+        seed gives the same weights on the CPU and on CUDA (up to the dtype's rounding)."""
+        _prepare_device(device)
+        model = _C.Model.from_config(
+            config,
+            device=device,
+            dtype=_dtype_name(dtype),
+            seed=seed,
+            block_size=block_size,
+            num_blocks=0 if num_blocks is None else num_blocks,
+        )
+        if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+            tokenizer = Tokenizer.from_file(tokenizer)
+        return cls(model, tokenizer)
 
     @property
     def config(self) -> _C.ModelConfig:

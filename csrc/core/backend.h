@@ -2,7 +2,12 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
+
+#include "core/checkpoint.h"
+#include "core/config.h"
+#include "core/kv_layout.h"
 
 namespace mc {
 
@@ -28,5 +33,20 @@ class Backend {
   // [batch.logit_rows.size(), vocab_size] (float32, host memory) to `logits`.
   virtual void forward(const StepBatch& batch, float* logits) = 0;
 };
+
+// What every backend is built from, besides its weights.
+struct BackendInit {
+  ModelConfig config;
+  KvLayout layout;
+  int64_t num_blocks = 0;
+  DType dtype = DType::kF32;  // weights and activations (the CPU backend: float32)
+  ProgressFn progress;        // weight upload progress, in bytes
+};
+
+// The CUDA backend (cuda/cuda_backend.cu; without CUDA, no_cuda.cpp fails with kUnsupported):
+// from host weights of any float dtype, converted on the device, or from random weights drawn
+// on the device (the same numbers random_weights() draws on the host).
+std::unique_ptr<Backend> make_cuda_backend(const BackendInit& init, const ModelWeights& host_weights);
+std::unique_ptr<Backend> make_random_cuda_backend(const BackendInit& init, uint64_t seed);
 
 }  // namespace mc

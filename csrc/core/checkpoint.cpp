@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "core/json.h"
+#include "core/random.h"
 #include "core/safetensors.h"
 
 namespace mc {
@@ -121,13 +122,14 @@ TensorIndex open_mistral_files(const std::string& model_dir) {
 
 // Consolidated q/k rows rotate interleaved pairs (x0,x1),(x2,x3)...; HF order pairs
 // (x_i, x_{i+d/2}). Within each head, HF row r takes consolidated row 2r (first half) or
-// 2(r - d/2) + 1 (second half).
-void permute_rows_to_half_rotation(const float* src, float* dst, int64_t n_heads, int64_t head_dim, int64_t cols) {
+// 2(r - d/2) + 1 (second half). Rows are moved as bytes, whatever the dtype.
+void permute_rows_to_half_rotation(const uint8_t* src, uint8_t* dst, int64_t n_heads, int64_t head_dim,
+                                   size_t row_bytes) {
   int64_t half = head_dim / 2;
   for (int64_t h = 0; h < n_heads; ++h)
     for (int64_t r = 0; r < head_dim; ++r) {
       int64_t from = r < half ? 2 * r : 2 * (r - half) + 1;
-      std::copy_n(src + (h * head_dim + from) * cols, cols, dst + (h * head_dim + r) * cols);
+      std::copy_n(src + (h * head_dim + from) * row_bytes, row_bytes, dst + (h * head_dim + r) * row_bytes);
     }
 }
 
@@ -196,32 +198,57 @@ std::vector<WeightRequest> plan_weights(const ModelConfig& c, CheckpointLayout l
   return plan;
 }
 
-Tensor load_tensor(const TensorIndex::Location& where, const WeightRequest& request, DType dtype) {
+Tensor load_tensor(const TensorIndex::Location& where, const WeightRequest& request, std::optional<DType> dtype) {
   Tensor stored = where.file->view(*where.entry);
-  if (dtype == DType::kF32 && stored.dtype == DType::kF32 && request.rows == RowOrder::kAsStored) return stored;
-  if (dtype != DType::kF32)
-    fail(ErrorKind::kUnsupported, "the CPU backend stores weights as float32; dtype ", dtype_name(dtype),
-         " is not supported");
-  Tensor converted = Tensor::empty(DType::kF32, request.shape);
-  if (request.rows == RowOrder::kAsStored) {
-    convert_to_f32(stored.data, stored.dtype, stored.numel(), converted.f32());
-    return converted;
+  if (request.rows == RowOrder::kInterleavedHeads) {
+    Tensor permuted = Tensor::empty(stored.dtype, request.shape);
+    const size_t row_bytes = static_cast<size_t>(request.shape[1]) * dtype_size(stored.dtype);
+    permute_rows_to_half_rotation(static_cast<const uint8_t*>(stored.data), static_cast<uint8_t*>(permuted.data),
+                                  request.rope_heads, request.shape[0] / request.rope_heads, row_bytes);
+    stored = std::move(permuted);
   }
-  Tensor staging = Tensor::empty(DType::kF32, request.shape);
-  convert_to_f32(stored.data, stored.dtype, stored.numel(), staging.f32());
-  int64_t head_dim = request.shape[0] / request.rope_heads;
-  permute_rows_to_half_rotation(staging.f32(), converted.f32(), request.rope_heads, head_dim, request.shape[1]);
+  if (!dtype || *dtype == stored.dtype) return stored;
+  if (*dtype != DType::kF32)
+    fail(ErrorKind::kUnsupported, "weights convert to float32 on load, or keep their stored dtype; not ",
+         dtype_name(*dtype));
+  Tensor converted = Tensor::empty(DType::kF32, request.shape);
+  convert_to_f32(stored.data, stored.dtype, stored.numel(), converted.f32());
   return converted;
 }
 
 }  // namespace
+
+std::vector<WeightSlot> weight_slots(const ModelConfig& config, ModelWeights& weights) {
+  std::vector<WeightSlot> slots;
+  for (WeightRequest& request : plan_weights(config, CheckpointLayout::kHuggingFace, weights))
+    slots.push_back({std::move(request.name), std::move(request.shape), request.target});
+  return slots;
+}
+
+ModelWeights random_weights(const ModelConfig& config, uint64_t seed) {
+  config.validate();
+  ModelWeights weights;
+  std::vector<WeightSlot> slots = weight_slots(config, weights);
+  for (size_t slot = 0; slot < slots.size(); ++slot) {
+    Tensor tensor = Tensor::empty(DType::kF32, slots[slot].shape);
+    float* data = tensor.f32();
+    const int64_t n = tensor.numel();
+    const uint64_t stream = weight_stream(seed, slot);
+    const bool is_norm = slots[slot].shape.size() == 1;
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) data[i] = is_norm ? 1.0f : kRandomWeightStd * normal_sample(stream, i);
+    *slots[slot].target = std::move(tensor);
+  }
+  if (config.tie_embeddings) weights.output = weights.tok_embeddings;
+  return weights;
+}
 
 ModelConfig read_model_config(const std::string& model_dir) {
   require_dir(model_dir);
   return read_config(model_dir, detect_layout(model_dir));
 }
 
-Checkpoint load_checkpoint(const std::string& model_dir, DType dtype, const ProgressFn& progress) {
+Checkpoint load_checkpoint(const std::string& model_dir, std::optional<DType> dtype, const ProgressFn& progress) {
   require_dir(model_dir);
   Checkpoint checkpoint;
   checkpoint.layout = detect_layout(model_dir);

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,8 +56,20 @@ struct Checkpoint {
 // Reads only the config of a model directory.
 ModelConfig read_model_config(const std::string& model_dir);
 
-// Loads config and weights, converted to `dtype` (float32 weights stored as float32 in the
-// file are memory-mapped, not copied).
-Checkpoint load_checkpoint(const std::string& model_dir, DType dtype, const ProgressFn& progress);
+// Loads config and weights. With `dtype` set, weights are converted to it; without, they keep
+// the dtype stored in the file. Tensors already in their final form are memory-mapped views of
+// the file, not copies.
+Checkpoint load_checkpoint(const std::string& model_dir, std::optional<DType> dtype, const ProgressFn& progress);
+
+// Every weight tensor of a model: Hugging Face name, shape, and its slot in `weights`.
+struct WeightSlot {
+  std::string name;
+  std::vector<int64_t> shape;
+  Tensor* target;
+};
+std::vector<WeightSlot> weight_slots(const ModelConfig& config, ModelWeights& weights);
+
+// A random model in float32 host memory (see core/random.h: the GPU draws the same numbers).
+ModelWeights random_weights(const ModelConfig& config, uint64_t seed);
 
 }  // namespace mc

@@ -66,6 +66,34 @@ void ModelConfig::validate() const {
          n_experts, ")");
 }
 
+ModelConfig ModelConfig::preset(const std::string& name) {
+  ModelConfig config;
+  config.dim = 4096;
+  config.n_layers = 32;
+  config.n_heads = 32;
+  config.n_kv_heads = 8;
+  config.head_dim = 128;
+  config.hidden_dim = 14336;
+  config.vocab_size = 32000;
+  config.norm_eps = 1e-5;
+  config.max_seq_len = 32768;
+  if (name == "mistral-7b-v0.1") {
+    config.rope_theta = 10000.0;
+    config.sliding_window = 4096;
+  } else if (name == "mistral-7b-v0.3") {
+    config.vocab_size = 32768;
+    config.rope_theta = 1e6;
+  } else if (name == "mixtral-8x7b") {
+    config.rope_theta = 1e6;
+    config.n_experts = 8;
+    config.n_experts_per_tok = 2;
+  } else {
+    fail(ErrorKind::kInvalidRequest, "unknown preset '", name,
+         "' (known: mistral-7b-v0.1, mistral-7b-v0.3, mixtral-8x7b)");
+  }
+  return config;
+}
+
 ModelConfig ModelConfig::from_hf_json(const Json& json, const std::string& source) {
   FieldReader fields(json, source);
   ModelConfig config;

@@ -34,6 +34,10 @@ struct ModelConfig {
   // Throws kCheckpoint naming the first inconsistent field.
   void validate() const;
 
+  // "mistral-7b-v0.1", "mistral-7b-v0.3", "mixtral-8x7b": the published shapes, for benchmarks
+  // without a checkpoint. Throws kInvalidRequest naming the known presets.
+  static ModelConfig preset(const std::string& name);
+
   static ModelConfig from_hf_json(const Json& json, const std::string& source);
   static ModelConfig from_mistral_json(const Json& json, const std::string& source);
 };

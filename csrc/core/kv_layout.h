@@ -26,6 +26,14 @@ struct KvLayout {
   MC_HD static int32_t ring_blocks_for(int64_t window, int32_t block_size) {
     return window > 0 ? static_cast<int32_t>((window + block_size - 1) / block_size + 1) : 0;
   }
+  // The layout of a cache with this block size and window (0 = full attention).
+  MC_HD static KvLayout make(int32_t block_size, int64_t window) {
+    KvLayout layout;
+    layout.block_size = block_size;
+    layout.window = window;
+    layout.ring_blocks = ring_blocks_for(window, block_size);
+    return layout;
+  }
 
   MC_HD int64_t logical_block(int64_t pos) const { return pos / block_size; }
   MC_HD int32_t slot_in_block(int64_t pos) const { return static_cast<int32_t>(pos % block_size); }

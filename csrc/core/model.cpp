@@ -14,19 +14,32 @@ constexpr int32_t kMaxBlockSize = 4096;
 
 std::string resolve_device(const std::string& device) {
   if (device == "cpu") return device;
-  if (device == "cuda" || device == "auto") {
-    if (device == "auto") return "cpu";  // until the CUDA backend exists, "auto" means the CPU
-    fail(ErrorKind::kUnsupported, cuda_compiled() ? "the CUDA backend is not implemented yet"
-                                                  : "this build has no CUDA backend",
-         "; use device='cpu' (", cuda_device_count(), " CUDA device(s) visible)");
+  const bool cuda_ready = cuda_compiled() && cuda_device_count() > 0;
+  if (device == "auto") return cuda_ready ? "cuda" : "cpu";
+  if (device == "cuda") {
+    if (!cuda_compiled()) fail(ErrorKind::kUnsupported, "this build has no CUDA backend; use device='cpu'");
+    if (!cuda_ready) fail(ErrorKind::kUnsupported, "no CUDA device is visible; use device='cpu'");
+    return device;
   }
   fail(ErrorKind::kInvalidRequest, "unknown device '", device, "' (expected 'cpu', 'cuda' or 'auto')");
 }
 
+DType resolve_dtype(const std::string& device, std::optional<DType> dtype) {
+  if (device == "cpu") {
+    if (dtype && *dtype != DType::kF32)
+      fail(ErrorKind::kUnsupported, "the CPU backend computes in float32; dtype ", dtype_name(*dtype),
+           " is for device='cuda'");
+    return DType::kF32;
+  }
+  if (dtype && *dtype == DType::kF32)
+    fail(ErrorKind::kUnsupported, "the CUDA backend computes in bfloat16 or float16, not float32");
+  return dtype.value_or(DType::kBF16);
+}
+
 }  // namespace
 
-Model::Model(ModelConfig config, KvLayout layout, int64_t num_blocks, std::string device)
-    : config_(std::move(config)), blocks_(layout, num_blocks), device_(std::move(device)) {}
+Model::Model(ModelConfig config, KvLayout layout, int64_t num_blocks, std::string device, DType dtype)
+    : config_(std::move(config)), blocks_(layout, num_blocks), device_(std::move(device)), dtype_(dtype) {}
 
 int64_t Model::default_num_blocks(const ModelConfig& config, int32_t block_size) {
   const int64_t per_sequence = config.sliding_window
@@ -37,22 +50,52 @@ int64_t Model::default_num_blocks(const ModelConfig& config, int32_t block_size)
   return std::max<int64_t>(per_sequence, std::min<int64_t>(4 * per_sequence, budget_blocks));
 }
 
-std::unique_ptr<Model> Model::load(const std::string& model_dir, const ModelOptions& options) {
-  std::string device = resolve_device(options.device);
+std::unique_ptr<Model> Model::prepare(const ModelConfig& config, const ModelOptions& options) {
   if (options.block_size <= 0 || options.block_size > kMaxBlockSize)
     fail(ErrorKind::kInvalidRequest, "block_size must be in 1..", kMaxBlockSize, ", got ", options.block_size);
   if (options.num_blocks < 0) fail(ErrorKind::kInvalidRequest, "num_blocks must be positive, got ", options.num_blocks);
-
-  Checkpoint checkpoint = load_checkpoint(model_dir, options.dtype, options.progress);
-  const ModelConfig& config = checkpoint.config;
-  KvLayout layout;
-  layout.block_size = options.block_size;
-  layout.window = config.sliding_window.value_or(0);
-  layout.ring_blocks = KvLayout::ring_blocks_for(layout.window, layout.block_size);
+  std::string device = resolve_device(options.device);
+  DType dtype = resolve_dtype(device, options.dtype);
+  KvLayout layout = KvLayout::make(options.block_size, config.sliding_window.value_or(0));
   const int64_t num_blocks = options.num_blocks > 0 ? options.num_blocks : default_num_blocks(config, options.block_size);
+  return std::unique_ptr<Model>(new Model(config, layout, num_blocks, device, dtype));
+}
 
-  std::unique_ptr<Model> model(new Model(config, layout, num_blocks, device));
-  model->backend_ = std::make_unique<cpu::CpuBackend>(config, std::move(checkpoint.weights), layout, num_blocks);
+BackendInit Model::backend_init(const ModelOptions& options) const {
+  BackendInit init;
+  init.config = config_;
+  init.layout = blocks_.layout();
+  init.num_blocks = blocks_.num_blocks();
+  init.dtype = dtype_;
+  init.progress = options.progress;
+  return init;
+}
+
+std::unique_ptr<Model> Model::load(const std::string& model_dir, const ModelOptions& options) {
+  // Device and options are checked before the (possibly long) weight load.
+  std::string device = resolve_device(options.device);
+  resolve_dtype(device, options.dtype);
+  Checkpoint checkpoint = load_checkpoint(model_dir, device == "cpu" ? std::optional<DType>(DType::kF32) : std::nullopt,
+                                          device == "cpu" ? options.progress : ProgressFn());
+  std::unique_ptr<Model> model = prepare(checkpoint.config, options);
+  if (model->device_ == "cpu") {
+    model->backend_ = std::make_unique<cpu::CpuBackend>(checkpoint.config, std::move(checkpoint.weights),
+                                                        model->blocks_.layout(), model->blocks_.num_blocks());
+  } else {
+    model->backend_ = make_cuda_backend(model->backend_init(options), checkpoint.weights);
+  }
+  return model;
+}
+
+std::unique_ptr<Model> Model::from_config(const ModelConfig& config, uint64_t seed, const ModelOptions& options) {
+  config.validate();
+  std::unique_ptr<Model> model = prepare(config, options);
+  if (model->device_ == "cpu") {
+    model->backend_ = std::make_unique<cpu::CpuBackend>(config, random_weights(config, seed), model->blocks_.layout(),
+                                                        model->blocks_.num_blocks());
+  } else {
+    model->backend_ = make_random_cuda_backend(model->backend_init(options), seed);
+  }
   return model;
 }
 

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,7 +18,7 @@ namespace mc {
 
 struct ModelOptions {
   std::string device = "cpu";  // "cpu" | "cuda" | "auto"
-  DType dtype = DType::kF32;
+  std::optional<DType> dtype;  // unset: float32 on the CPU, bfloat16 on CUDA
   int32_t block_size = 16;
   int64_t num_blocks = 0;      // 0 = default_num_blocks()
   ProgressFn progress;         // called while weights load
@@ -31,9 +32,13 @@ struct StepEntry {
 class Model {
  public:
   static std::unique_ptr<Model> load(const std::string& model_dir, const ModelOptions& options);
+  // A model of `config` with random weights drawn from `seed` (core/random.h), built directly
+  // on the device: for benchmarks without a checkpoint.
+  static std::unique_ptr<Model> from_config(const ModelConfig& config, uint64_t seed, const ModelOptions& options);
 
   const ModelConfig& config() const { return config_; }
   const std::string& device() const { return device_; }
+  DType dtype() const { return dtype_; }
   int32_t block_size() const { return blocks_.layout().block_size; }
   int64_t num_blocks() const { return blocks_.num_blocks(); }
 
@@ -56,12 +61,16 @@ class Model {
   static int64_t default_num_blocks(const ModelConfig& config, int32_t block_size);
 
  private:
-  Model(ModelConfig config, KvLayout layout, int64_t num_blocks, std::string device);
+  Model(ModelConfig config, KvLayout layout, int64_t num_blocks, std::string device, DType dtype);
+  // Checks options, resolves device and dtype, and builds the model with no backend yet.
+  static std::unique_ptr<Model> prepare(const ModelConfig& config, const ModelOptions& options);
+  BackendInit backend_init(const ModelOptions& options) const;
   void validate(const std::vector<StepEntry>& entries) const;
 
   ModelConfig config_;
   BlockManager blocks_;
   std::string device_;
+  DType dtype_;
   std::unique_ptr<Backend> backend_;
   mutable std::mutex mutex_;  // guards blocks_ and the backend's cache
 };

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "core/hd.h"
 #include "core/kv_layout.h"
@@ -54,6 +55,20 @@ struct KvAppendParamsT {
   KvLayout layout;
 };
 using KvAppendParams = KvAppendParamsT<float>;
+
+// RoPE frequencies inv_freq[i] = theta^(-2i/Dh), i < Dh/2, in float32 as the reference
+// implementations compute them: every backend and test takes them from here.
+inline std::vector<float> rope_inv_freq(int64_t head_dim, double rope_theta) {
+  std::vector<float> inv_freq(head_dim / 2);
+  for (int64_t i = 0; i < head_dim / 2; ++i) {
+    float exponent = static_cast<float>(2 * i) / static_cast<float>(head_dim);
+    inv_freq[i] = 1.0f / std::pow(static_cast<float>(rope_theta), exponent);
+  }
+  return inv_freq;
+}
+
+// Softmax scale of attention scores: 1 / sqrt(Dh).
+inline float attention_scale(int64_t head_dim) { return 1.0f / std::sqrt(static_cast<float>(head_dim)); }
 
 // Mixtral routing of one token: the K largest router logits (ties to the lower expert index);
 // their weights are the softmax over those K logits, equal to a softmax over all E renormalized

@@ -16,13 +16,7 @@ CpuBackend::CpuBackend(const ModelConfig& config, ModelWeights weights, KvLayout
     k_pools_.push_back(Tensor::empty(DType::kF32, {num_blocks, layout.block_size, config.n_kv_heads, config.head_dim}));
     v_pools_.push_back(Tensor::empty(DType::kF32, {num_blocks, layout.block_size, config.n_kv_heads, config.head_dim}));
   }
-  // inv_freq[i] = theta^(-2i/Dh), in float32 as the reference implementations compute it.
-  const int64_t half = config.head_dim / 2;
-  inv_freq_.resize(half);
-  for (int64_t i = 0; i < half; ++i) {
-    float exponent = static_cast<float>(2 * i) / static_cast<float>(config.head_dim);
-    inv_freq_[i] = 1.0f / std::pow(static_cast<float>(config.rope_theta), exponent);
-  }
+  inv_freq_ = rope_inv_freq(config.head_dim, config.rope_theta);
 }
 
 void CpuBackend::forward(const StepBatch& batch, float* logits) {
@@ -88,7 +82,7 @@ void CpuBackend::attention_block(const LayerWeights& layer, int64_t layer_index,
   params.n_heads = static_cast<int32_t>(config_.n_heads);
   params.n_kv_heads = static_cast<int32_t>(config_.n_kv_heads);
   params.head_dim = static_cast<int32_t>(config_.head_dim);
-  params.scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
+  params.scale = attention_scale(config_.head_dim);
   params.layout = layout_;
   paged_attention(params);
 

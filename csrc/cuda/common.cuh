@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 #include <nvtx3/nvToolsExt.h>
 
+#include <type_traits>
+
 #include "core/dtype.h"
 #include "core/error.h"
 
@@ -41,12 +43,23 @@ __device__ __forceinline__ __half from_float<__half>(float value) { return __flo
 template <>
 __device__ __forceinline__ float from_float<float>(float value) { return value; }
 
-// Calls fn.template operator()<T>() with T the element type of a half-precision dtype.
+// Runs fn for T, the element type of a half-precision dtype: fn is either a generic lambda
+// `[&](auto tag) { using T = decltype(tag); ... }` or a functor with `template <typename T>
+// void operator()()`.
+template <typename T, typename Fn>
+void call_with_type(Fn&& fn) {
+  if constexpr (std::is_invocable_v<Fn, T>) {
+    fn(T{});
+  } else {
+    fn.template operator()<T>();
+  }
+}
+
 template <typename Fn>
 void dispatch_half(DType dtype, Fn&& fn) {
   switch (dtype) {
-    case DType::kBF16: fn.template operator()<__nv_bfloat16>(); return;
-    case DType::kF16: fn.template operator()<__half>(); return;
+    case DType::kBF16: call_with_type<__nv_bfloat16>(fn); return;
+    case DType::kF16: call_with_type<__half>(fn); return;
     case DType::kF32: break;
   }
   fail(ErrorKind::kUnsupported, "CUDA kernels take bfloat16 or float16, not ", dtype_name(dtype));

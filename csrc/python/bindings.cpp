@@ -12,6 +12,8 @@
 
 namespace py = pybind11;
 
+void bind_ops(py::module_& m);  // bind_ops.cpp
+
 namespace {
 
 struct ErrorTypes {
@@ -74,11 +76,11 @@ std::string config_repr(const mc::ModelConfig& c) {
                      ", n_experts_per_tok=", c.n_experts_per_tok, ")");
 }
 
-std::unique_ptr<mc::Model> load_model(const std::string& model_dir, const std::string& device, const std::string& dtype,
-                                      int32_t block_size, int64_t num_blocks, py::object progress) {
+mc::ModelOptions model_options(const std::string& device, const std::optional<std::string>& dtype, int32_t block_size,
+                               int64_t num_blocks, py::object progress) {
   mc::ModelOptions options;
   options.device = device;
-  options.dtype = mc::parse_dtype(dtype);
+  if (dtype) options.dtype = mc::parse_dtype(*dtype);
   options.block_size = block_size;
   options.num_blocks = num_blocks;
   if (!progress.is_none()) {
@@ -87,8 +89,23 @@ std::unique_ptr<mc::Model> load_model(const std::string& model_dir, const std::s
       progress(done, total);
     };
   }
+  return options;
+}
+
+std::unique_ptr<mc::Model> load_model(const std::string& model_dir, const std::string& device,
+                                      const std::optional<std::string>& dtype, int32_t block_size, int64_t num_blocks,
+                                      py::object progress) {
+  mc::ModelOptions options = model_options(device, dtype, block_size, num_blocks, progress);
   py::gil_scoped_release no_gil;
   return mc::Model::load(model_dir, options);
+}
+
+std::unique_ptr<mc::Model> model_from_config(const mc::ModelConfig& config, const std::string& device,
+                                             const std::optional<std::string>& dtype, uint64_t seed,
+                                             int32_t block_size, int64_t num_blocks) {
+  mc::ModelOptions options = model_options(device, dtype, block_size, num_blocks, py::none());
+  py::gil_scoped_release no_gil;
+  return mc::Model::from_config(config, seed, options);
 }
 
 py::list step(mc::Model& model, const std::vector<std::pair<int32_t, std::vector<int64_t>>>& entries, bool all_logits) {
@@ -142,15 +159,21 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("n_experts_per_tok", &mc::ModelConfig::n_experts_per_tok)
       .def_readwrite("tie_embeddings", &mc::ModelConfig::tie_embeddings)
       .def("validate", &mc::ModelConfig::validate)
+      .def_static("preset", &mc::ModelConfig::preset, py::arg("name"),
+                  "Published shapes: mistral-7b-v0.1, mistral-7b-v0.3, mixtral-8x7b.")
       .def_static("from_dir", &mc::read_model_config, py::arg("model_dir"),
                   "Reads config.json (Hugging Face) or params.json (Mistral) of a model directory.")
       .def("__repr__", &config_repr);
 
   py::class_<mc::Model>(m, "Model")
-      .def_static("load", &load_model, py::arg("model_dir"), py::arg("device") = "cpu", py::arg("dtype") = "float32",
+      .def_static("load", &load_model, py::arg("model_dir"), py::arg("device") = "cpu", py::arg("dtype") = py::none(),
                   py::arg("block_size") = 16, py::arg("num_blocks") = 0, py::arg("progress") = py::none())
+      .def_static("from_config", &model_from_config, py::arg("config"), py::arg("device") = "cpu",
+                  py::arg("dtype") = py::none(), py::arg("seed") = 0, py::arg("block_size") = 16,
+                  py::arg("num_blocks") = 0)
       .def_property_readonly("config", &mc::Model::config)
       .def_property_readonly("device", &mc::Model::device)
+      .def_property_readonly("dtype", [](const mc::Model& m) { return std::string(mc::dtype_name(m.dtype())); })
       .def_property_readonly("block_size", &mc::Model::block_size)
       .def_property_readonly("num_blocks", &mc::Model::num_blocks)
       .def_property_readonly("free_blocks", &mc::Model::free_blocks)
@@ -161,6 +184,7 @@ PYBIND11_MODULE(_C, m) {
       .def("step", &step, py::arg("entries"), py::arg("all_logits") = false,
            "Runs one forward step over [(seq, token_ids), ...]; returns one float32 tensor per entry.");
 
+  bind_ops(m);
   m.def("cuda_device_count", &mc::cuda_device_count);
   m.def("cuda_compiled", &mc::cuda_compiled);
 }

@@ -1,0 +1,98 @@
+// K/V append into the paged cache, the semantics of cpu::kv_append:
+//   k, v [T, KVH, Dh] -> k_pool, v_pool [num_blocks, block_size, KVH, Dh], keeping only the
+//   positions >= layout.first_kept(start, end) of each entry (the last W under a window).
+//
+// One block per token. Its (kv_head, d) elements are one contiguous row of KVH * Dh both in the
+// activations and in the pool (row layout.pool_row(table, pos)), so the block copies that row
+// as a whole with coalesced 16-byte packs: (token, kv_head) blocks would move only Dh * 2 =
+// 256 bytes each (Mistral), too little to keep a block busy. The per-token lookups (entry,
+// position, pool row) are done once per block through the KvLayout helpers the CPU uses.
+#include "cuda/elementwise.cuh"
+
+namespace mc::cuda {
+namespace {
+
+constexpr int kMaxThreads = 256;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Entry of a flattened token: the e with cu_seqlens[e] <= token < cu_seqlens[e + 1] (the last
+// such e when entries are empty), i.e. upper_bound(cu_seqlens[0 .. n_entries], token) - 1.
+__device__ __forceinline__ int32_t entry_of_token(const int32_t* cu_seqlens, int32_t n_entries, int32_t token) {
+  int32_t lo = 0, hi = n_entries + 1;  // first index with cu_seqlens[index] > token lies in [lo, hi]
+  while (lo < hi) {
+    const int32_t mid = (lo + hi) / 2;
+    if (cu_seqlens[mid] > token)
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  return lo - 1;
+}
+
+template <typename T, int kVec>
+__global__ void kv_append_kernel(KvAppendParamsT<void> p) {
+  const int32_t token = blockIdx.x;
+  const int32_t entry = entry_of_token(p.cu_seqlens, p.n_entries, token);
+  const int64_t start = p.start_pos[entry];
+  const int32_t first_token = p.cu_seqlens[entry];
+  const int64_t end = start + (p.cu_seqlens[entry + 1] - first_token);
+  const int64_t pos = start + (token - first_token);
+  if (pos < p.layout.first_kept(start, end)) return;  // before the last W: no later query reads it
+
+  const int32_t* table = p.block_tables + static_cast<int64_t>(entry) * p.max_blocks;
+  const int64_t kv_dim = static_cast<int64_t>(p.n_kv_heads) * p.head_dim;
+  const int64_t src = token * kv_dim;
+  const int64_t dst = p.layout.pool_row(table, pos) * kv_dim;
+  using P = Pack<T, kVec>;
+  const P* k = reinterpret_cast<const P*>(static_cast<const T*>(p.k) + src);
+  const P* v = reinterpret_cast<const P*>(static_cast<const T*>(p.v) + src);
+  P* k_out = reinterpret_cast<P*>(static_cast<T*>(p.k_pool) + dst);
+  P* v_out = reinterpret_cast<P*>(static_cast<T*>(p.v_pool) + dst);
+  const int64_t packs = kv_dim / kVec;
+  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
+    k_out[i] = k[i];
+    v_out[i] = v[i];
+  }
+}
+
+template <typename T, int kVec>
+void launch_kv_append(const CudaKvAppendParams& p, cudaStream_t stream) {
+  const int64_t packs = static_cast<int64_t>(p.tensors.n_kv_heads) * p.tensors.head_dim / kVec;
+  const int threads = static_cast<int>(packs >= kMaxThreads ? kMaxThreads : (packs + 31) / 32 * 32);
+  kv_append_kernel<T, kVec><<<static_cast<unsigned>(p.n_tokens), threads, 0, stream>>>(p.tensors);
+  MC_CUDA_CHECK_LAUNCH();
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+
+void kv_append(const CudaKvAppendParams& p, cudaStream_t stream) {
+  const KvAppendParamsT<void>& t = p.tensors;
+  if (p.n_tokens < 0 || t.n_entries < 0 || t.max_blocks <= 0 || t.n_kv_heads <= 0 || t.head_dim <= 0)
+    fail(ErrorKind::kInvalidRequest, "kv_append: bad sizes n_tokens=", p.n_tokens, ", n_entries=", t.n_entries,
+         ", max_blocks=", t.max_blocks, ", n_kv_heads=", t.n_kv_heads, ", head_dim=", t.head_dim);
+  if (t.layout.block_size <= 0 || t.layout.window < 0 || t.layout.ring_blocks < 0 ||
+      (t.layout.window > 0) != (t.layout.ring_blocks > 0))
+    fail(ErrorKind::kInvalidRequest, "kv_append: bad layout block_size=", t.layout.block_size,
+         ", window=", t.layout.window, ", ring_blocks=", t.layout.ring_blocks);
+  if (p.n_tokens == 0) return;
+  if (t.n_entries == 0) fail(ErrorKind::kInvalidRequest, "kv_append: ", p.n_tokens, " tokens but no entries");
+  if (t.k == nullptr || t.v == nullptr || t.k_pool == nullptr || t.v_pool == nullptr || t.block_tables == nullptr ||
+      t.cu_seqlens == nullptr || t.start_pos == nullptr)
+    fail(ErrorKind::kInvalidRequest, "kv_append: null tensor pointer");
+  NvtxRange range("kv_append");
+  dispatch_half(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (t.head_dim % 8 == 0 && aligned16(t.k) && aligned16(t.v) && aligned16(t.k_pool) && aligned16(t.v_pool))
+      launch_kv_append<T, 8>(p, stream);
+    else
+      launch_kv_append<T, 1>(p, stream);
+  });
+}
+
+}  // namespace mc::cuda
