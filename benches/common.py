@@ -1,5 +1,5 @@
-"""Helpers shared by the GPU benchmarks (bench_attention.py, bench_e2e.py), and the summary
-table of benches/gpu_check.sh (`python3 benches/common.py summary OUT_DIR`).
+"""Helpers shared by the GPU benchmarks (bench_attention.py, bench_e2e.py, bench_moe.py), and the
+summary table of benches/gpu_check.sh (`python3 benches/common.py summary OUT_DIR`).
 
 Timing follows one rule everywhere: CUDA events around the timed calls, a device-wide
 synchronize before the end event (mistral_cuda's ops and engine may run on their own stream,
@@ -150,6 +150,27 @@ def _pytest_counts(xml_path: str) -> Optional[dict]:
     return c
 
 
+def _pytest_rows(label: str, step: str, xml_path: str, rows: list, bad: list, notes: list) -> None:
+    """The table row, failures and failed test names of one pytest step's junit xml."""
+    c = _pytest_counts(xml_path)
+    if c is None:
+        rows.append((label, "no " + os.path.basename(xml_path) + ": pytest did not finish", ""))
+        bad.append(f"{step}: no result file")
+        return
+    rows.append((
+        label,
+        f"{c['passed']} passed, {c['failures']} failed, {c['errors']} errors, {c['skipped']} skipped (of {c['tests']})",
+        "",
+    ))
+    notes += [f"FAILED {name}" for name in c["failed_names"][:40]]
+    if c["failures"] or c["errors"]:
+        bad.append(f"{step}: {c['failures']} failed, {c['errors']} errors")
+    if c["skipped"]:
+        bad.append(f"{step}: {c['skipped']} skipped on a GPU machine")
+    if c["tests"] == 0:
+        bad.append(f"{step}: none ran")
+
+
 def summarize(out_dir: str) -> int:
     """Prints (and writes to OUT_DIR/summary.md) one table of everything gpu_check.sh ran.
     Returns 1 if any step failed, a test failed, errored or was skipped, or a benchmark
@@ -190,6 +211,10 @@ def summarize(out_dir: str) -> int:
                 bad.append(f"tests: {c['skipped']} skipped on a GPU machine")
             if c["tests"] == 0:
                 bad.append("tests: none ran")
+
+    if "tests_moe" in by_name:
+        _pytest_rows("tests MoE (-m cuda, test_cuda_moe.py)", "tests_moe", os.path.join(out_dir, "pytest_moe.xml"),
+                     rows, bad, notes)
 
     if "bench_attention" in by_name:
         a = _last_summary(by_name["bench_attention"]["log"])
@@ -235,6 +260,30 @@ def summarize(out_dir: str) -> int:
                     f"{times(e['x_hf_ttft'])} transformers ({num(e['hf_ttft_ms'])} ms)",
                 ))
             bad += [f"bench_e2e: {f}" for f in e.get("failed", [])]
+
+    if "bench_moe" in by_name:
+        m = _last_summary(by_name["bench_moe"]["log"])
+        if not m or "layer" not in m:
+            rows.append(("MoE", "no SUMMARY line" + (f": {m.get('error')}" if m else ""), ""))
+            bad.append("bench_moe: no result")
+        else:
+            rows.append(("copy bandwidth (MoE run)", f"{m['copy_gbps']:.0f} GB/s", ""))
+            for r in m["layer"]:
+                rows.append((
+                    f"MoE layer {r['tokens']} tokens ({r['experts_hit']:.1f} experts hit)",
+                    f"{r['us']:.1f} us, {r['gbps']:.0f} GB/s",
+                    f"{pct(r['frac_copy'])} of copy bw; {times(r.get('x_torch'))} torch loop "
+                    f"({num(r.get('torch_gbps'), '.0f')} GB/s)",
+                ))
+            model = f"{m.get('preset')} x{m.get('n_layers')} layers"
+            for r in m.get("decode") or []:
+                rows.append((
+                    f"Mixtral decode batch {r['batch']} ({model})",
+                    f"{num(r['tok_s'])} tok/s",
+                    f"{pct(r['frac_roofline'])} of roofline ({r['roofline_tok_s']:.0f} tok/s, "
+                    f"{r['experts_per_layer']:.2f} experts/layer)",
+                ))
+            bad += [f"bench_moe: {f}" for f in m.get("failed", [])]
 
     rows.append(("overall", "FAIL" if bad else "PASS", ""))
     out = ["# gpu_check summary", "", "| what | result | against the peer |", "|---|---|---|"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One command for a fresh GPU machine: device info, build, import smoke test, the CUDA tests,
-# the GPU benchmarks, and one summary table at the end.
+# One command for a fresh GPU machine: device info, build, import smoke test, the CUDA tests
+# (dense, then MoE), the GPU benchmarks (attention, end to end, MoE), and one summary table.
 #
 #   bash benches/gpu_check.sh                 # all stages: info build test bench
 #   bash benches/gpu_check.sh test bench      # some stages (always run in the order above);
@@ -17,9 +17,16 @@
 # The build and test steps print only their last lines (their full logs are in the outputs).
 #
 # Environment knobs: PYTHON (default python3), BENCH_ATTENTION_ARGS, BENCH_E2E_ARGS (e.g.
-# "--layers 4"), and per-step limits in seconds: BUILD_LIMIT (480), TEST_LIMIT (420),
-# ATTENTION_LIMIT (180), E2E_LIMIT (300). On an H100 the whole run takes about 6-8 minutes;
-# where one command may run at most 10 minutes, "build test" and "bench" can be two calls.
+# "--layers 4"), BENCH_MOE_ARGS (e.g. "--layers 4 --tokens 1,64"), and per-step limits in
+# seconds: BUILD_LIMIT (480), TEST_LIMIT (420), TEST_MOE_LIMIT (300), ATTENTION_LIMIT (180),
+# E2E_LIMIT (300), MOE_LIMIT (200). ONLY="NAME ..." runs just those test/bench steps of the chosen
+# stages (names: tests tests_moe bench_attention bench_e2e bench_moe). On an H100 the whole run
+# was estimated at 6-8 minutes before the MoE steps, which add about 3-4 (estimates, not yet
+# measured); where one command may run at most 10 minutes, split it, e.g.
+#   bash benches/gpu_check.sh build
+#   ONLY=tests bash benches/gpu_check.sh test
+#   ONLY="tests_moe bench_moe" bash benches/gpu_check.sh test bench
+#   ONLY="bench_attention bench_e2e" bash benches/gpu_check.sh bench
 
 set -u
 
@@ -48,6 +55,15 @@ for s in $STAGES; do
   esac
 done
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+STEP_NAMES="tests tests_moe bench_attention bench_e2e bench_moe"
+for s in ${ONLY:-}; do
+  case " $STEP_NAMES " in
+    *" $s "*) ;;
+    *) echo "unknown step '$s' in ONLY (steps: $STEP_NAMES)"; exit 2 ;;
+  esac
+done
+# pick NAME: the test/bench step NAME runs (ONLY unset, or NAME listed in it).
+pick() { [ -z "${ONLY:-}" ] && return 0; case " $ONLY " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 STEPS="$OUT_DIR/steps.tsv"
 : >"$STEPS"
@@ -173,15 +189,23 @@ if want build || { { want test || want bench; } && ! built; }; then
 fi
 
 if want test; then
-  run_step --quiet tests "${TEST_LIMIT:-420}" "$PY" -m pytest -m cuda -v -rfEs --durations=15 \
-    -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml" tests/test_cuda_ops.py tests/test_cuda_model.py
+  if pick tests; then
+    run_step --quiet tests "${TEST_LIMIT:-420}" "$PY" -m pytest -m cuda -v -rfEs --durations=15 \
+      -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml" tests/test_cuda_ops.py tests/test_cuda_model.py
+  fi
+  if pick tests_moe; then
+    run_step --quiet tests_moe "${TEST_MOE_LIMIT:-300}" "$PY" -m pytest -m cuda -v -rfEs --durations=15 \
+      -p no:cacheprovider --junitxml="$OUT_DIR/pytest_moe.xml" tests/test_cuda_moe.py
+  fi
 fi
 
 if want bench; then
   # shellcheck disable=SC2086  # the *_ARGS knobs are word-split on purpose
-  run_step bench_attention "${ATTENTION_LIMIT:-180}" "$PY" benches/bench_attention.py ${BENCH_ATTENTION_ARGS:-}
+  pick bench_attention && run_step bench_attention "${ATTENTION_LIMIT:-180}" "$PY" benches/bench_attention.py ${BENCH_ATTENTION_ARGS:-}
   # shellcheck disable=SC2086
-  run_step bench_e2e "${E2E_LIMIT:-300}" "$PY" benches/bench_e2e.py ${BENCH_E2E_ARGS:-}
+  pick bench_e2e && run_step bench_e2e "${E2E_LIMIT:-300}" "$PY" benches/bench_e2e.py ${BENCH_E2E_ARGS:-}
+  # shellcheck disable=SC2086
+  pick bench_moe && run_step bench_moe "${MOE_LIMIT:-200}" "$PY" benches/bench_moe.py ${BENCH_MOE_ARGS:-}
 fi
 
 echo

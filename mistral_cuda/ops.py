@@ -30,6 +30,9 @@ __all__ = [
     "embedding",
     "kv_append",
     "linear",
+    "moe_experts",
+    "moe_ffn",
+    "moe_route",
     "paged_attention",
     "ring_blocks_for",
     "rms_norm",
@@ -395,4 +398,135 @@ def linear(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = 
     with _device_scope(x):
         _ops.cuda_linear(x=x.data_ptr(), w=w.data_ptr(), y=y.data_ptr(), n_tokens=T, n=N, k=K,
                          in_dtype=names[x.dtype], out_dtype=names[out_dtype], stream=_stream(x))
+    return y
+
+
+# ---- Mixtral MoE (E = experts, K = experts per token, P = T * K pairs, pair p = t * K + k) ----
+
+
+def _moe_shapes(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor):
+    """(T, D, E, F) of x [T, D], w13 [E, 2F, D], w2 [E, D, F], all in x's dtype and device."""
+    T, D = x.shape
+    _check("x", x, (T, D), x.dtype, x.device, "(T, D)")
+    E, F2 = _tensor("w13", w13, 3).shape[:2]
+    if D == 0 or E == 0 or F2 == 0 or F2 % 2:
+        raise ValueError(f"need D > 0, E > 0 and an even 2F > 0, got x {tuple(x.shape)}, w13 {tuple(w13.shape)}")
+    F = F2 // 2
+    _check("w13", w13, (E, 2 * F, D), x.dtype, x.device, "(E, 2F, D)")
+    _check("w2", w2, (E, D, F), x.dtype, x.device, "(E, D, F)")
+    return T, D, E, F
+
+
+def _moe_top_k(top_k, n_experts: int) -> int:
+    K = _int("top_k", top_k, 1)
+    if K > n_experts:
+        raise ValueError(f"top_k ({K}) must not exceed the number of experts ({n_experts})")
+    return K
+
+
+def _run_moe_experts(x, w13, w2, offsets, pairs, weights, residual, T, E, K, D, F) -> None:
+    dtype = _HALF_NAMES[x.dtype]
+    with _device_scope(x):
+        nbytes = _ops.cuda_moe_workspace_bytes(n_tokens=T, n_experts=E, top_k=K, dim=D, hidden=F, dtype=dtype)
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)  # act [P, F]
+        _ops.cuda_moe_experts(x=x.data_ptr(), w13=w13.data_ptr(), w2=w2.data_ptr(), expert_offsets=offsets.data_ptr(),
+                              sorted_pairs=pairs.data_ptr(), weights=weights.data_ptr(), residual=residual.data_ptr(),
+                              workspace=workspace.data_ptr() if nbytes else 0, n_tokens=T, n_experts=E, top_k=K,
+                              dim=D, hidden=F, dtype=dtype, stream=_stream(x))
+
+
+def moe_route(router_logits: torch.Tensor, top_k: int):
+    """Mixtral routing of float32 router logits [T, E] -> (expert_ids int32 [T, K], weights float32
+    [T, K], expert_offsets int32 [E + 1], sorted_pairs int32 [T * K]) on the logits' device.
+
+    Token t's experts are its K largest logits (ties to the lower expert index), its weights the
+    softmax over those K logits. Expert e's pairs are sorted_pairs[offsets[e] : offsets[e + 1]],
+    ascending. CPU: the CPU backend's routing; CUDA: one kernel, no sync (E <= 64, K <= 8).
+    """
+    _tensor("router_logits", router_logits, 2)
+    device = router_logits.device
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"router_logits is on {device}; moe_route runs on 'cpu' or 'cuda'")
+    T, E = router_logits.shape
+    _check("router_logits", router_logits, (T, E), torch.float32, device, "(T, E)")
+    if E == 0:
+        raise ValueError("router_logits needs at least one expert column")
+    K = _moe_top_k(top_k, E)
+    cuda = device.type == "cuda"
+    if cuda and not _ops.has_cuda:
+        raise _C.UnsupportedError("this build of mistral_cuda has no CUDA backend")
+    ids = torch.empty(T, K, dtype=torch.int32, device=device)
+    weights = torch.empty(T, K, dtype=torch.float32, device=device)
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=device)
+    pairs = torch.empty(T * K, dtype=torch.int32, device=device)
+    args = dict(router_logits=router_logits.data_ptr(), expert_ids=ids.data_ptr(), weights=weights.data_ptr(),
+                expert_offsets=offsets.data_ptr(), sorted_pairs=pairs.data_ptr(), n_tokens=T, n_experts=E, top_k=K)
+    if cuda:
+        with _device_scope(router_logits):
+            _ops.cuda_moe_route(stream=_stream(router_logits), **args)
+    else:
+        _ops.cpu_moe_route(**args)
+    return ids, weights, offsets, pairs
+
+
+def moe_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    weights: torch.Tensor,
+    residual: torch.Tensor,
+    top_k: int,
+) -> None:
+    """residual[t] += Σ_k weights[t, k] · w2_e(silu(w1_e x_t) * (w3_e x_t)) in place, e = the
+    experts of a routing from moe_route. CUDA only (on the CPU the whole layer is moe_ffn).
+
+    x [T, D], w13 [E, 2F, D] (rows 0..F-1 = w1, F..2F-1 = w3 of each expert), w2 [E, D, F], one
+    half dtype; expert_offsets int32 [E + 1], sorted_pairs int32 [T * K], weights float32 [T, K],
+    residual float32 [T, D]. The kernels take D and F multiples of 16. The routing's values are
+    checked on the host (a sync).
+    """
+    _tensor("x", x, 2)
+    if not _backend("x", x):
+        raise ValueError("moe_experts runs on CUDA tensors (bfloat16/float16); on the CPU use moe_ffn")
+    T, D, E, F = _moe_shapes(x, w13, w2)
+    K = _moe_top_k(top_k, E)
+    P = T * K
+    _check("expert_offsets", expert_offsets, (E + 1,), torch.int32, x.device, "(E + 1,)")
+    _check("sorted_pairs", sorted_pairs, (P,), torch.int32, x.device, "(T * K,)")
+    _check("weights", weights, (T, K), torch.float32, x.device, "(T, K)")
+    _check("residual", residual, (T, D), torch.float32, x.device, "(T, D)")
+    off = expert_offsets.cpu()
+    if int(off[0]) != 0 or int(off[-1]) != P or bool((off[1:] < off[:-1]).any()):
+        raise ValueError(f"expert_offsets must rise from 0 to T * K = {P}, got {off.tolist()}")
+    _check_indices("sorted_pairs", sorted_pairs, 0, P)
+    if T == 0:
+        return
+    _run_moe_experts(x, w13, w2, expert_offsets, sorted_pairs, weights, residual, T, E, K, D, F)
+
+
+def moe_ffn(x: torch.Tensor, router: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Mixtral's sparse MoE FFN -> y float32 [T, D]: y[t] = Σ_k weight[t, k] · w2_e(silu(w1_e x_t) *
+    (w3_e x_t)) over token t's top_k experts e, routed by the logits x · routerᵀ (moe_route).
+
+    x [T, D], router [E, D], w13 [E, 2F, D] (rows 0..F-1 = w1, F..2F-1 = w3), w2 [E, D, F].
+    CPU float32: cpu::moe_ffn. CUDA bfloat16/float16: float32 router logits (linear), moe_route,
+    then the expert kernels adding into a zeroed float32 buffer; no sync.
+    """
+    _tensor("x", x, 2)
+    cuda = _backend("x", x)
+    T, D, E, F = _moe_shapes(x, w13, w2)
+    _check("router", router, (E, D), x.dtype, x.device, "(E, D)")
+    K = _moe_top_k(top_k, E)
+    y = torch.zeros(T, D, dtype=torch.float32, device=x.device)
+    if T == 0:
+        return y
+    if not cuda:
+        _ops.cpu_moe_ffn(x=x.data_ptr(), router=router.data_ptr(), w13=w13.data_ptr(), w2=w2.data_ptr(),
+                         y=y.data_ptr(), n_tokens=T, dim=D, hidden=F, n_experts=E, top_k=K)
+        return y
+    logits = linear(x, router, out_dtype=torch.float32)  # [T, E]
+    _, weights, offsets, pairs = moe_route(logits, K)
+    _run_moe_experts(x, w13, w2, offsets, pairs, weights, y, T, E, K, D, F)
     return y

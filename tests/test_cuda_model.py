@@ -165,42 +165,6 @@ def test_device_auto_picks_cuda(gpu_sw):
 # --------------------------------------------------------------------------------------
 
 
-def run_interleaved(m, prompts, vocab, seed, start_steps):
-    """Steps the prompts together (shuffled entry order): a first chunk of 1-23 tokens, then
-    mostly single tokens with some short chunks. Returns all logits rows per prompt."""
-    rng = random.Random(seed)
-    seqs, pos = {}, [0] * len(prompts)
-    rows = [[] for _ in prompts]
-    step_no = 0
-    while any(p < len(prompt) for p, prompt in zip(pos, prompts)):
-        entries, owners = [], []
-        for i, prompt in enumerate(prompts):
-            if step_no < start_steps[i] or pos[i] >= len(prompt):
-                continue
-            if i not in seqs:
-                seqs[i] = m.add_sequence()
-                k = rng.choice([1, 4, 9, 23])
-            else:
-                k = rng.choice([1, 1, 1, 2, 5, 11])
-            k = min(k, len(prompt) - pos[i])
-            entries.append((seqs[i], prompt[pos[i] : pos[i] + k]))
-            owners.append((i, k))
-        order = list(range(len(entries)))
-        rng.shuffle(order)
-        entries = [entries[j] for j in order]
-        owners = [owners[j] for j in order]
-        outs = m.step(entries, all_logits=True) if entries else []
-        assert len(outs) == len(entries)
-        for out, (i, k) in zip(outs, owners):
-            assert tuple(out.shape) == (k, vocab)
-            rows[i].append(out)
-            pos[i] += k
-        step_no += 1
-    for s in seqs.values():
-        m.free_sequence(s)
-    return [torch.cat(r) for r in rows]
-
-
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("block_size", [3, 16])
@@ -211,7 +175,9 @@ def test_four_sequences_mixed_prefill_and_decode(which, block_size, request):
     tiny = request.getfixturevalue(which)
     prompts = [tiny.random_ids(n, tm.seed_of(f"gpu-batch-{which}-{i}")) for i, n in enumerate([37, 11, 60, 25])]
     engine = cuda_engine(tiny, block_size=block_size)
-    rows = run_interleaved(engine.model, prompts, tiny.vocab_size, tm.seed_of(f"gpu-sched-{which}"), [0, 0, 3, 7])
+    rows, _ = tm.run_interleaved(
+        engine.model, prompts, tiny.vocab_size, seed=tm.seed_of(f"gpu-sched-{which}"), start_steps=[0, 0, 3, 7]
+    )
     hf = transformers_gpu(tiny.model)
     for i, prompt in enumerate(prompts):
         ref = tiny.reference_logits(prompt)

@@ -6,7 +6,6 @@ error <= 1e-5 and max abs error <= 1e-5 * max |reference|."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -248,54 +247,6 @@ def test_bf16_consolidated_checkpoint(tmp_path, load_engine):
 # --------------------------------------------------------------------------------------
 
 
-def _run_interleaved(m, prompts, vocab, *, seed, all_logits=True, start_steps=None):
-    """Drive several sequences through m.step together: each step carries one entry per
-    unfinished sequence (in shuffled order) -- a prefill chunk of random size for a fresh
-    sequence, then mostly single decode tokens with occasional multi-token chunks.
-    Returns, per prompt, the logits rows collected (all rows, or last-row-per-step with
-    the positions they belong to)."""
-    rng = random.Random(seed)
-    start_steps = start_steps or [0] * len(prompts)
-    seqs = {}
-    pos = [0] * len(prompts)
-    rows = [[] for _ in prompts]
-    positions = [[] for _ in prompts]
-    step_no = 0
-    while any(p < len(prompt) for p, prompt in zip(pos, prompts)):
-        entries, owners = [], []
-        for i, prompt in enumerate(prompts):
-            if step_no < start_steps[i] or pos[i] >= len(prompt):
-                continue
-            if i not in seqs:
-                seqs[i] = m.add_sequence()
-                k = rng.choice([1, 4, 9, 23])
-            else:
-                k = rng.choice([1, 1, 1, 2, 5, 11])
-            k = min(k, len(prompt) - pos[i])
-            entries.append((seqs[i], prompt[pos[i] : pos[i] + k]))
-            owners.append((i, k))
-        order = list(range(len(entries)))
-        rng.shuffle(order)
-        entries = [entries[j] for j in order]
-        owners = [owners[j] for j in order]
-        outs = m.step(entries, all_logits=all_logits) if entries else []
-        assert len(outs) == len(entries)
-        for out, (i, k) in zip(outs, owners):
-            if all_logits:
-                assert tuple(out.shape) == (k, vocab)
-                rows[i].append(out)
-                positions[i].extend(range(pos[i], pos[i] + k))
-            else:
-                assert tuple(out.shape) == (vocab,)
-                rows[i].append(out.unsqueeze(0))
-                positions[i].append(pos[i] + k - 1)
-            pos[i] += k
-        step_no += 1
-    for s in seqs.values():
-        m.free_sequence(s)
-    return [torch.cat(r) for r in rows], positions
-
-
 @pytest.mark.parametrize("which", ["mistral_sw", "mistral_full", "mixtral_sw"])
 def test_four_sequences_stepped_together_match_alone(which, request, load_engine):
     """Four sequences of different lengths (some joining later) stepped in shared
@@ -305,7 +256,7 @@ def test_four_sequences_stepped_together_match_alone(which, request, load_engine
     lengths = [37, 11, 60, 25]
     prompts = [tiny.random_ids(n, tm.seed_of(f"batch-{which}-{i}")) for i, n in enumerate(lengths)]
     engine = load_engine(tiny, block_size=4)
-    rows, positions = _run_interleaved(engine.model, prompts, tiny.vocab_size, seed=tm.seed_of(f"sched-{which}"), start_steps=[0, 0, 3, 7])
+    rows, positions = tm.run_interleaved(engine.model, prompts, tiny.vocab_size, seed=tm.seed_of(f"sched-{which}"), start_steps=[0, 0, 3, 7])
     for i, prompt in enumerate(prompts):
         assert positions[i] == list(range(len(prompt)))
         ref = tiny.reference_logits(prompt)
@@ -319,7 +270,7 @@ def test_step_returns_last_token_logits_by_default(which, request, load_engine):
     tiny = request.getfixturevalue(which)
     prompts = [tiny.random_ids(n, tm.seed_of(f"last-{which}-{n}")) for n in (29, 13, 41)]
     engine = load_engine(tiny, block_size=3)
-    rows, positions = _run_interleaved(engine.model, prompts, tiny.vocab_size, seed=tm.seed_of(f"last-sched-{which}"), all_logits=False)
+    rows, positions = tm.run_interleaved(engine.model, prompts, tiny.vocab_size, seed=tm.seed_of(f"last-sched-{which}"), all_logits=False)
     for i, prompt in enumerate(prompts):
         ref = tiny.reference_logits(prompt)[positions[i]]
         assert_logits_close(rows[i], ref, f"{which} seq {i} last-token logits")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import re
 import math
 import struct
@@ -521,3 +522,51 @@ CORRUPTIONS = {
     "unknown-dtype-I4": _unknown_dtype("I4"),
     "missing-data-offsets": corrupt_missing_data_offsets,
 }
+
+
+def run_interleaved(m, prompts, vocab, *, seed, all_logits=True, start_steps=None):
+    """Drive several sequences through m.step together: each step carries one entry per
+    unfinished sequence (in shuffled order) -- a prefill chunk of random size for a fresh
+    sequence, then mostly single decode tokens with occasional multi-token chunks.
+    Returns, per prompt, the logits rows collected (all rows, or last-row-per-step with
+    the positions they belong to)."""
+    rng = random.Random(seed)
+    start_steps = start_steps or [0] * len(prompts)
+    seqs = {}
+    pos = [0] * len(prompts)
+    rows = [[] for _ in prompts]
+    positions = [[] for _ in prompts]
+    step_no = 0
+    while any(p < len(prompt) for p, prompt in zip(pos, prompts)):
+        entries, owners = [], []
+        for i, prompt in enumerate(prompts):
+            if step_no < start_steps[i] or pos[i] >= len(prompt):
+                continue
+            if i not in seqs:
+                seqs[i] = m.add_sequence()
+                k = rng.choice([1, 4, 9, 23])
+            else:
+                k = rng.choice([1, 1, 1, 2, 5, 11])
+            k = min(k, len(prompt) - pos[i])
+            entries.append((seqs[i], prompt[pos[i] : pos[i] + k]))
+            owners.append((i, k))
+        order = list(range(len(entries)))
+        rng.shuffle(order)
+        entries = [entries[j] for j in order]
+        owners = [owners[j] for j in order]
+        outs = m.step(entries, all_logits=all_logits) if entries else []
+        assert len(outs) == len(entries)
+        for out, (i, k) in zip(outs, owners):
+            if all_logits:
+                assert tuple(out.shape) == (k, vocab)
+                rows[i].append(out)
+                positions[i].extend(range(pos[i], pos[i] + k))
+            else:
+                assert tuple(out.shape) == (vocab,)
+                rows[i].append(out.unsqueeze(0))
+                positions[i].append(pos[i] + k - 1)
+            pos[i] += k
+        step_no += 1
+    for s in seqs.values():
+        m.free_sequence(s)
+    return [torch.cat(r) for r in rows], positions

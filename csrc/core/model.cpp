@@ -41,11 +41,12 @@ DType resolve_dtype(const std::string& device, std::optional<DType> dtype) {
 Model::Model(ModelConfig config, KvLayout layout, int64_t num_blocks, std::string device, DType dtype)
     : config_(std::move(config)), blocks_(layout, num_blocks), device_(std::move(device)), dtype_(dtype) {}
 
-int64_t Model::default_num_blocks(const ModelConfig& config, int32_t block_size) {
+int64_t Model::default_num_blocks(const ModelConfig& config, int32_t block_size, DType dtype) {
   const int64_t per_sequence = config.sliding_window
                                    ? KvLayout::ring_blocks_for(*config.sliding_window, block_size)
                                    : (config.max_seq_len + block_size - 1) / block_size;
-  const int64_t bytes_per_block = config.n_layers * 2 * block_size * config.kv_dim() * 4;
+  const int64_t bytes_per_block =
+      config.n_layers * 2 * block_size * config.kv_dim() * static_cast<int64_t>(dtype_size(dtype));
   const int64_t budget_blocks = (int64_t{8} << 30) / bytes_per_block;
   return std::max<int64_t>(per_sequence, std::min<int64_t>(4 * per_sequence, budget_blocks));
 }
@@ -57,7 +58,8 @@ std::unique_ptr<Model> Model::prepare(const ModelConfig& config, const ModelOpti
   std::string device = resolve_device(options.device);
   DType dtype = resolve_dtype(device, options.dtype);
   KvLayout layout = KvLayout::make(options.block_size, config.sliding_window.value_or(0));
-  const int64_t num_blocks = options.num_blocks > 0 ? options.num_blocks : default_num_blocks(config, options.block_size);
+  const int64_t num_blocks =
+      options.num_blocks > 0 ? options.num_blocks : default_num_blocks(config, options.block_size, dtype);
   return std::unique_ptr<Model>(new Model(config, layout, num_blocks, device, dtype));
 }
 

@@ -57,8 +57,8 @@ class Model {
   void step(const std::vector<StepEntry>& entries, bool all_logits, float* logits);
 
   // Enough blocks for four sequences at full length (a window's ring under sliding-window
-  // attention), capped near 8 GiB of float32 K/V unless one sequence needs more.
-  static int64_t default_num_blocks(const ModelConfig& config, int32_t block_size);
+  // attention), capped near 8 GiB of K/V in `dtype` unless one sequence needs more.
+  static int64_t default_num_blocks(const ModelConfig& config, int32_t block_size, DType dtype);
 
  private:
   Model(ModelConfig config, KvLayout layout, int64_t num_blocks, std::string device, DType dtype);

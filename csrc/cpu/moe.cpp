@@ -8,23 +8,27 @@
 
 namespace mc::cpu {
 
+void moe_route(const float* logits, int64_t T, int32_t E, int32_t K, int32_t* expert_ids, float* weights,
+               int32_t* offsets, int32_t* sorted_pairs) {
+  for (int64_t t = 0; t < T; ++t) route_top_k(logits + t * E, E, K, expert_ids + t * K, weights + t * K);
+  std::fill(offsets, offsets + E + 1, 0);
+  for (int64_t pair = 0; pair < T * K; ++pair) ++offsets[expert_ids[pair] + 1];
+  for (int32_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
+  std::vector<int32_t> fill(offsets, offsets + E);
+  for (int64_t pair = 0; pair < T * K; ++pair) sorted_pairs[fill[expert_ids[pair]]++] = static_cast<int32_t>(pair);
+}
+
 void moe_ffn(const float* x, const LayerWeights& layer, const ModelConfig& config, int64_t T, float* y) {
   const int64_t D = config.dim, F = config.hidden_dim;
   const int32_t E = static_cast<int32_t>(config.n_experts), K = static_cast<int32_t>(config.n_experts_per_tok);
 
   std::vector<float> logits(T * E);  // [T, E]
   matmul(x, layer.router.f32(), logits.data(), T, E, D);
-  std::vector<int32_t> chosen(T * K);  // [T, K] expert ids
-  std::vector<float> weights(T * K);   // [T, K] routing weights
-  for (int64_t t = 0; t < T; ++t) route_top_k(&logits[t * E], E, K, &chosen[t * K], &weights[t * K]);
-
-  // Counting sort of the (token, slot) pairs by expert: offsets[e] .. offsets[e + 1].
-  std::vector<int64_t> offsets(E + 1, 0);
-  for (int32_t e : chosen) ++offsets[e + 1];
-  for (int32_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
-  std::vector<int64_t> pairs(T * K);  // flat index t * K + slot, grouped by expert
-  std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
-  for (int64_t pair = 0; pair < T * K; ++pair) pairs[fill[chosen[pair]]++] = pair;
+  std::vector<int32_t> chosen(T * K);      // [T, K] expert ids
+  std::vector<float> weights(T * K);       // [T, K] routing weights
+  std::vector<int32_t> offsets(E + 1);     // [E + 1]
+  std::vector<int32_t> pairs(T * K);       // [T * K] pair ids grouped by expert
+  moe_route(logits.data(), T, E, K, chosen.data(), weights.data(), offsets.data(), pairs.data());
 
   std::fill(y, y + T * D, 0.0f);
   std::vector<float> xs, gate, up, out;

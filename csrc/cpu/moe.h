@@ -9,6 +9,13 @@
 
 namespace mc::cpu {
 
+// Routing of T tokens (route_top_k of core/op_params.h) and the counting sort of their (token,
+// slot) pairs by expert: expert e owns sorted_pairs[offsets[e] .. offsets[e + 1]), pair ids
+// t * K + k ascending within an expert.
+//   logits [T, E] -> expert_ids [T, K], weights [T, K], offsets [E + 1], sorted_pairs [T * K]
+void moe_route(const float* logits, int64_t T, int32_t E, int32_t K, int32_t* expert_ids, float* weights,
+               int32_t* offsets, int32_t* sorted_pairs);
+
 // y[T, D] = Σ_k weight[t, k] · w2_e(silu(w1_e x_t) * w3_e x_t) over the K experts e of token t.
 void moe_ffn(const float* x, const LayerWeights& layer, const ModelConfig& config, int64_t T, float* y);
 

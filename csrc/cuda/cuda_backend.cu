@@ -13,6 +13,7 @@
 #include "cuda/common.cuh"
 #include "cuda/elementwise.cuh"
 #include "cuda/gemm.h"
+#include "cuda/moe.cuh"
 #include "cuda/weights.cuh"
 
 namespace mc {
@@ -80,8 +81,11 @@ class CudaBackend : public Backend {
 
  private:
   // Allocates every weight on the device; w1 and w3 share one [2F, D] buffer per layer so the
-  // gate and up projections run as one GEMM.
+  // gate and up projections run as one GEMM. MoE layers stack their experts: w13 [E, 2F, D] and
+  // w2 [E, D, F], the layout the MoE kernels read.
   std::vector<WeightSlot> allocate_weights();
+  // Adds the layer's sparse-MoE FFN output of h [T, D] straight into the residual x.
+  void moe_ffn(const LayerWeights& layer, const void* h, float* x, int64_t T);
   void linear(const void* x, const Tensor& w, void* y, int64_t T, DType out) {
     gemm_.linear(x, w.data, y, T, w.shape[0], w.shape[1], dtype_, out, stream_);
   }
@@ -98,12 +102,11 @@ class CudaBackend : public Backend {
   std::vector<Tensor> v_pools_;
   Tensor inv_freq_;                 // [Dh / 2] f32
   Scratch meta_, residual_, hidden_, q_, k_, v_, attn_, proj_, gate_up_, act_, rows_, logits_, workspace_;
+  Scratch router_logits_, expert_ids_, expert_weights_, expert_offsets_, sorted_pairs_, moe_workspace_;
 };
 
 CudaBackend::CudaBackend(const BackendInit& init)
     : config_(init.config), layout_(init.layout), dtype_(init.dtype), progress_(init.progress) {
-  if (config_.is_moe())
-    fail(ErrorKind::kUnsupported, "Mixtral (MoE) on CUDA comes with the fused MoE kernels; use device='cpu' for now");
   MC_CUDA_CHECK(cudaGetDevice(&device_));
   MC_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   const int64_t half = config_.head_dim / 2;
@@ -128,11 +131,28 @@ CudaBackend::~CudaBackend() {
 std::vector<WeightSlot> CudaBackend::allocate_weights() {
   std::vector<WeightSlot> slots = weight_slots(config_, weights_);
   const int64_t F = config_.hidden_dim, D = config_.dim;
+  const size_t elem = dtype_size(dtype_);
+  // A view of `rows` x `cols` at element offset `offset` of `base`, sharing its memory.
+  auto view = [&](const Tensor& base, int64_t offset, int64_t rows, int64_t cols) {
+    Tensor tensor = Tensor::view(static_cast<uint8_t*>(base.data) + offset * elem, dtype_, {rows, cols});
+    tensor.storage = base.storage;
+    return tensor;
+  };
   for (LayerWeights& layer : weights_.layers) {
-    Tensor w13 = device_tensor(dtype_, {2 * F, D});
-    layer.ffn.w1 = Tensor::view(w13.data, dtype_, {F, D});
-    layer.ffn.w3 = Tensor::view(static_cast<uint8_t*>(w13.data) + F * D * dtype_size(dtype_), dtype_, {F, D});
-    layer.ffn.w1.storage = layer.ffn.w3.storage = w13.storage;
+    if (!config_.is_moe()) {
+      Tensor w13 = device_tensor(dtype_, {2 * F, D});
+      layer.ffn.w1 = view(w13, 0, F, D);
+      layer.ffn.w3 = view(w13, F * D, F, D);
+      continue;
+    }
+    const int64_t E = config_.n_experts;
+    Tensor w13 = device_tensor(dtype_, {E, 2 * F, D});
+    Tensor w2 = device_tensor(dtype_, {E, D, F});
+    for (int64_t e = 0; e < E; ++e) {
+      layer.experts[e].w1 = view(w13, e * 2 * F * D, F, D);
+      layer.experts[e].w3 = view(w13, e * 2 * F * D + F * D, F, D);
+      layer.experts[e].w2 = view(w2, e * D * F, D, F);
+    }
   }
   for (WeightSlot& slot : slots)
     if (!slot.target->defined()) *slot.target = device_tensor(dtype_, slot.shape);
@@ -174,6 +194,39 @@ void CudaBackend::randomize(uint64_t seed) {
   }
   MC_CUDA_CHECK(cudaStreamSynchronize(stream_));
   if (config_.tie_embeddings) weights_.output = weights_.tok_embeddings;
+}
+
+void CudaBackend::moe_ffn(const LayerWeights& layer, const void* h, float* x, int64_t T) {
+  const int64_t E = config_.n_experts, K = config_.n_experts_per_tok;
+  auto* router_logits = static_cast<float*>(router_logits_.get(T * E * sizeof(float)));  // [T, E] f32
+  linear(h, layer.router, router_logits, T, DType::kF32);
+
+  MoeRouteParams route;
+  route.router_logits = router_logits;
+  route.expert_ids = static_cast<int32_t*>(expert_ids_.get(T * K * sizeof(int32_t)));
+  route.weights = static_cast<float*>(expert_weights_.get(T * K * sizeof(float)));
+  route.expert_offsets = static_cast<int32_t*>(expert_offsets_.get((E + 1) * sizeof(int32_t)));
+  route.sorted_pairs = static_cast<int32_t*>(sorted_pairs_.get(T * K * sizeof(int32_t)));
+  route.n_tokens = static_cast<int32_t>(T);
+  route.n_experts = static_cast<int32_t>(E);
+  route.top_k = static_cast<int32_t>(K);
+  moe_route(route, stream_);
+
+  MoeExpertsParams experts;
+  experts.x = h;
+  experts.w13 = layer.experts[0].w1.data;  // the stacked [E, 2F, D] buffer starts at expert 0's w1
+  experts.w2 = layer.experts[0].w2.data;   // [E, D, F]
+  experts.expert_offsets = route.expert_offsets;
+  experts.sorted_pairs = route.sorted_pairs;
+  experts.weights = route.weights;
+  experts.residual = x;
+  experts.n_tokens = route.n_tokens;
+  experts.n_experts = route.n_experts;
+  experts.top_k = route.top_k;
+  experts.dim = config_.dim;
+  experts.hidden = config_.hidden_dim;
+  experts.dtype = dtype_;
+  moe_experts(experts, moe_workspace_.get(moe_workspace_bytes(experts)), stream_);
 }
 
 void CudaBackend::forward(const StepBatch& batch, float* logits) {
@@ -267,13 +320,14 @@ void CudaBackend::forward(const StepBatch& batch, float* logits) {
   append.dtype = dtype_;
   append.n_tokens = static_cast<int32_t>(T);
 
+  const void* pending = nullptr;  // [T, D] output not yet added to the residual x
   for (int64_t l = 0; l < config_.n_layers; ++l) {
     NvtxRange layer_range("layer");
     const LayerWeights& layer = weights_.layers[l];
     {
       NvtxRange op("attention_norm");
       norm.weight = layer.attn_norm.data;
-      norm.delta = l == 0 ? nullptr : proj;  // the previous layer's FFN output joins the residual here
+      norm.delta = pending;  // the previous layer's FFN output joins the residual here
       rms_norm(norm, stream_);
     }
     {
@@ -311,19 +365,24 @@ void CudaBackend::forward(const StepBatch& batch, float* logits) {
       norm.delta = proj;
       rms_norm(norm, stream_);
     }
-    {
+    if (config_.is_moe()) {
+      NvtxRange op("moe");
+      moe_ffn(layer, h, x, T);
+      pending = nullptr;  // the experts added their output into x already
+    } else {
       NvtxRange op("ffn");
       Tensor w13 = Tensor::view(layer.ffn.w1.data, dtype_, {2 * F, D});
       linear(h, w13, gate_up, T, dtype_);
       silu_mul({gate_up, act, T, F, dtype_}, stream_);
       linear(act, layer.ffn.w2, proj, T, dtype_);
+      pending = proj;
     }
   }
 
   NvtxRange head_range("lm_head");
   void* normed_rows = rows_.get(R * D * elem);  // [R, D]
   norm.weight = weights_.norm.data;
-  norm.delta = proj;
+  norm.delta = pending;
   norm.rows = rows;
   norm.n_rows = R;
   norm.out = normed_rows;

@@ -14,10 +14,6 @@ namespace {
 
 constexpr int kMaxThreads = 256;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 // Entry of a flattened token: the e with cu_seqlens[e] <= token < cu_seqlens[e + 1] (the last
 // such e when entries are empty), i.e. upper_bound(cu_seqlens[0 .. n_entries], token) - 1.

@@ -15,10 +15,6 @@ namespace {
 
 constexpr int kMaxThreads = 512;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 template <typename T, int N>
 __device__ __forceinline__ void load(const T* ptr, float (&v)[N]) {

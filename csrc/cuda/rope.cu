@@ -17,10 +17,6 @@ constexpr int kThreads = 128;
 // cos and sin tables of Dh/2 floats each must fit the default 48 KiB of dynamic shared memory.
 constexpr int32_t kMaxHeadDim = 48 * 1024 / static_cast<int32_t>(sizeof(float));
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 template <typename T, int kVec>
 __device__ __forceinline__ void rotate(T* head, const float* cos_t, const float* sin_t, int32_t half, int32_t i) {

@@ -11,10 +11,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 template <typename T, int kVec>
 __global__ void silu_mul_kernel(const T* __restrict__ gate_up, T* __restrict__ out, int64_t n_packs,

@@ -8,16 +8,20 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "core/checkpoint.h"
+#include "core/config.h"
 #include "core/dtype.h"
 #include "core/kv_layout.h"
 #include "core/op_params.h"
 #include "cpu/attention.h"
 #include "cpu/dense_ops.h"
+#include "cpu/moe.h"
 
 #ifdef MC_WITH_CUDA
 #include <cuda_runtime.h>
@@ -25,6 +29,7 @@
 #include "cuda/attention.cuh"
 #include "cuda/elementwise.cuh"
 #include "cuda/gemm.h"
+#include "cuda/moe.cuh"
 #endif
 
 namespace py = pybind11;
@@ -107,6 +112,37 @@ void cpu_paged_attention(Ptr q, Ptr k_new, Ptr v_new, Ptr k_pool, Ptr v_pool, Pt
   p.scale = mc::attention_scale(head_dim);
   p.layout = mc::KvLayout::make(block_size, window);
   mc::cpu::paged_attention(p);
+}
+
+// cpu::moe_ffn's routing step (route_top_k per token, then the counting sort of the pairs by
+// expert), written out here because cpu/moe.cpp keeps it inside moe_ffn: the CPU side of the
+// moe_route comparison. logits [T, E] f32 -> expert_ids [T, K], weights [T, K],
+// expert_offsets [E + 1], sorted_pairs [T * K] (grouped by expert, ascending within one).
+void cpu_moe_route(Ptr router_logits, Ptr expert_ids, Ptr weights, Ptr expert_offsets, Ptr sorted_pairs,
+                   int64_t n_tokens, int32_t n_experts, int32_t top_k) {
+  mc::cpu::moe_route(at<const float>(router_logits), n_tokens, n_experts, top_k, at<int32_t>(expert_ids),
+                     at<float>(weights), at<int32_t>(expert_offsets), at<int32_t>(sorted_pairs));
+}
+
+// cpu::moe_ffn on stacked expert weights: router [E, D], w13 [E, 2F, D] (rows 0..F-1 = w1,
+// F..2F-1 = w3 of each expert), w2 [E, D, F], all f32; y [T, D] is overwritten.
+void cpu_moe_ffn(Ptr x, Ptr router, Ptr w13, Ptr w2, Ptr y, int64_t n_tokens, int64_t dim, int64_t hidden,
+                 int64_t n_experts, int64_t top_k) {
+  mc::ModelConfig config;
+  config.dim = dim;
+  config.hidden_dim = hidden;
+  config.n_experts = n_experts;
+  config.n_experts_per_tok = top_k;
+  mc::LayerWeights layer;
+  layer.router = mc::Tensor::view(at<float>(router), mc::DType::kF32, {n_experts, dim});
+  layer.experts.resize(static_cast<size_t>(n_experts));
+  for (int64_t e = 0; e < n_experts; ++e) {
+    float* gate_up = at<float>(w13) + e * 2 * hidden * dim;
+    layer.experts[e].w1 = mc::Tensor::view(gate_up, mc::DType::kF32, {hidden, dim});
+    layer.experts[e].w3 = mc::Tensor::view(gate_up + hidden * dim, mc::DType::kF32, {hidden, dim});
+    layer.experts[e].w2 = mc::Tensor::view(at<float>(w2) + e * dim * hidden, mc::DType::kF32, {dim, hidden});
+  }
+  mc::cpu::moe_ffn(at<const float>(x), layer, config, n_tokens, at<float>(y));
 }
 
 #ifdef MC_WITH_CUDA
@@ -232,6 +268,55 @@ void cuda_linear(Ptr x, Ptr w, Ptr y, int64_t n_tokens, int64_t n, int64_t k, co
   gemm->linear(at<const void>(x), at<const void>(w), at<void>(y), n_tokens, n, k, mc::parse_dtype(in_dtype),
                mc::parse_dtype(out_dtype), stream_of(stream));
 }
+
+void cuda_moe_route(Ptr router_logits, Ptr expert_ids, Ptr weights, Ptr expert_offsets, Ptr sorted_pairs,
+                    int32_t n_tokens, int32_t n_experts, int32_t top_k, Ptr stream) {
+  mc::cuda::MoeRouteParams p;
+  p.router_logits = at<const float>(router_logits);
+  p.expert_ids = at<int32_t>(expert_ids);
+  p.weights = at<float>(weights);
+  p.expert_offsets = at<int32_t>(expert_offsets);
+  p.sorted_pairs = at<int32_t>(sorted_pairs);
+  p.n_tokens = n_tokens;
+  p.n_experts = n_experts;
+  p.top_k = top_k;
+  mc::cuda::moe_route(p, stream_of(stream));
+}
+
+mc::cuda::MoeExpertsParams cuda_moe_experts_params(Ptr x, Ptr w13, Ptr w2, Ptr expert_offsets, Ptr sorted_pairs,
+                                                   Ptr weights, Ptr residual, int32_t n_tokens, int32_t n_experts,
+                                                   int32_t top_k, int64_t dim, int64_t hidden,
+                                                   const std::string& dtype) {
+  mc::cuda::MoeExpertsParams p;
+  p.x = at<const void>(x);
+  p.w13 = at<const void>(w13);
+  p.w2 = at<const void>(w2);
+  p.expert_offsets = at<const int32_t>(expert_offsets);
+  p.sorted_pairs = at<const int32_t>(sorted_pairs);
+  p.weights = at<const float>(weights);
+  p.residual = at<float>(residual);
+  p.n_tokens = n_tokens;
+  p.n_experts = n_experts;
+  p.top_k = top_k;
+  p.dim = dim;
+  p.hidden = hidden;
+  p.dtype = mc::parse_dtype(dtype);
+  return p;
+}
+
+size_t cuda_moe_workspace_bytes(int32_t n_tokens, int32_t n_experts, int32_t top_k, int64_t dim, int64_t hidden,
+                                const std::string& dtype) {
+  return mc::cuda::moe_workspace_bytes(
+      cuda_moe_experts_params(0, 0, 0, 0, 0, 0, 0, n_tokens, n_experts, top_k, dim, hidden, dtype));
+}
+
+void cuda_moe_experts(Ptr x, Ptr w13, Ptr w2, Ptr expert_offsets, Ptr sorted_pairs, Ptr weights, Ptr residual,
+                      Ptr workspace, int32_t n_tokens, int32_t n_experts, int32_t top_k, int64_t dim, int64_t hidden,
+                      const std::string& dtype, Ptr stream) {
+  mc::cuda::moe_experts(cuda_moe_experts_params(x, w13, w2, expert_offsets, sorted_pairs, weights, residual, n_tokens,
+                                                n_experts, top_k, dim, hidden, dtype),
+                        at<void>(workspace), stream_of(stream));
+}
 #endif
 
 }  // namespace
@@ -263,6 +348,10 @@ void bind_ops(py::module_& m) {
   ops.def("cpu_paged_attention", &cpu_paged_attention, no_gil, arg("q"), arg("k_new"), arg("v_new"), arg("k_pool"),
           arg("v_pool"), arg("block_tables"), arg("cu_seqlens"), arg("start_pos"), arg("out"), arg("n_entries"),
           arg("max_blocks"), arg("n_heads"), arg("n_kv_heads"), arg("head_dim"), arg("block_size"), arg("window"));
+  ops.def("cpu_moe_route", &cpu_moe_route, no_gil, arg("router_logits"), arg("expert_ids"), arg("weights"),
+          arg("expert_offsets"), arg("sorted_pairs"), arg("n_tokens"), arg("n_experts"), arg("top_k"));
+  ops.def("cpu_moe_ffn", &cpu_moe_ffn, no_gil, arg("x"), arg("router"), arg("w13"), arg("w2"), arg("y"),
+          arg("n_tokens"), arg("dim"), arg("hidden"), arg("n_experts"), arg("top_k"));
 
 #ifdef MC_WITH_CUDA
   ops.attr("has_cuda") = true;
@@ -286,6 +375,13 @@ void bind_ops(py::module_& m) {
   ops.def("cuda_paged_attention", &cuda_paged_attention, arg("params"), arg("workspace"), arg("stream"));
   ops.def("cuda_linear", &cuda_linear, arg("x"), arg("w"), arg("y"), arg("n_tokens"), arg("n"), arg("k"),
           arg("in_dtype"), arg("out_dtype"), arg("stream"));
+  ops.def("cuda_moe_route", &cuda_moe_route, arg("router_logits"), arg("expert_ids"), arg("weights"),
+          arg("expert_offsets"), arg("sorted_pairs"), arg("n_tokens"), arg("n_experts"), arg("top_k"), arg("stream"));
+  ops.def("cuda_moe_workspace_bytes", &cuda_moe_workspace_bytes, arg("n_tokens"), arg("n_experts"), arg("top_k"),
+          arg("dim"), arg("hidden"), arg("dtype"));
+  ops.def("cuda_moe_experts", &cuda_moe_experts, arg("x"), arg("w13"), arg("w2"), arg("expert_offsets"),
+          arg("sorted_pairs"), arg("weights"), arg("residual"), arg("workspace"), arg("n_tokens"), arg("n_experts"),
+          arg("top_k"), arg("dim"), arg("hidden"), arg("dtype"), arg("stream"));
 #else
   ops.attr("has_cuda") = false;
 #endif

@@ -1,0 +1,59 @@
+// Mixtral's sparse MoE FFN on the GPU, with the CPU backend's semantics (cpu/moe.cpp):
+//   y[t] = Σ_k weight[t, k] · w2_e(silu(w1_e x_t) * w3_e x_t),  e = expert_ids[t, k]
+// in three steps with no host round trip: route (top-k + counting sort by expert), gate/up
+// (each active expert's w1|w3 read once for all of its tokens, SiLU fused), down (w2 read once
+// per active expert, the routing weight applied and the result added straight into the f32
+// residual stream: no separate combine pass).
+// Shapes: T = tokens, E = experts, K = experts per token, D = dim, F = expert FFN width,
+// P = T * K (token, expert) pairs.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "core/dtype.h"
+#include "cuda/common.cuh"
+
+namespace mc::cuda {
+
+// Router logits -> per-token top-k (route_top_k of core/op_params.h: ties to the lower expert,
+// weights = softmax over the chosen logits), then pairs grouped by expert.
+struct MoeRouteParams {
+  const float* router_logits = nullptr;  // [T, E] f32 (the router GEMM writes f32)
+  int32_t* expert_ids = nullptr;         // [T, K]
+  float* weights = nullptr;              // [T, K]
+  int32_t* expert_offsets = nullptr;     // [E + 1]: expert e owns sorted_pairs[offsets[e] .. offsets[e+1])
+  int32_t* sorted_pairs = nullptr;       // [P] pair index t * K + k, grouped by expert, ascending within one
+  int32_t n_tokens = 0;
+  int32_t n_experts = 0;                 // <= 64
+  int32_t top_k = 0;                     // <= 8
+};
+void moe_route(const MoeRouteParams& p, cudaStream_t stream);
+
+// Expert weights are stacked per layer: w13 [E, 2F, D] (rows 0..F-1 = w1, F..2F-1 = w3 of each
+// expert), w2 [E, D, F].
+struct MoeExpertsParams {
+  const void* x = nullptr;               // [T, D] half: the normed hidden state
+  const void* w13 = nullptr;             // [E, 2F, D] half
+  const void* w2 = nullptr;              // [E, D, F] half
+  const int32_t* expert_offsets = nullptr;  // [E + 1] from moe_route
+  const int32_t* sorted_pairs = nullptr;    // [P]
+  const float* weights = nullptr;           // [T, K]
+  float* residual = nullptr;             // [T, D] f32: y is ADDED here (atomically, two experts per row)
+  int32_t n_tokens = 0;
+  int32_t n_experts = 0;
+  int32_t top_k = 0;
+  int64_t dim = 0;
+  int64_t hidden = 0;                    // F
+  DType dtype = DType::kBF16;
+};
+
+// Scratch for the activations [P, F] half (and whatever the chosen path needs).
+size_t moe_workspace_bytes(const MoeExpertsParams& p);
+
+// Picks by token count (host-known): a GEMV-style path for decode-sized batches (each active
+// expert's weights streamed once, all of its tokens served from registers/shared memory), a
+// tensor-core grouped-GEMM path for prefill. Experts with no tokens read no weights.
+void moe_experts(const MoeExpertsParams& p, void* workspace, cudaStream_t stream);
+
+}  // namespace mc::cuda
