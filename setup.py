@@ -40,7 +40,9 @@ class CMakeBuild(build_ext):
         ]
         subprocess.check_call(configure)
         jobs = os.environ.get("MC_BUILD_JOBS", str(os.cpu_count() or 2))
-        subprocess.check_call(["cmake", "--build", str(build_dir), "--target", "_C", "-j", jobs])
+        # Every target: the module, and with CUDA the kernel sandboxes, so a compile error in any
+        # CUDA source fails the build.
+        subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
 
 
 setup(ext_modules=[CMakeExtension("mistral_cuda._C")], cmdclass={"build_ext": CMakeBuild})
