@@ -13,25 +13,21 @@ same seed, a Mistral-7B-shaped model cut to 2 layers, and ModelConfig.preset (CP
 
 from __future__ import annotations
 
-import copy
-import random
-
 import pytest
 import torch
 
 import mistral_cuda as mc
 import tiny_models as tm
+from gpu_helpers import (
+    assert_within,
+    cpu_engine,
+    cuda_engine,
+    rel,
+    requires_cuda,
+    transformers_gpu,
+    transformers_logits,
+)
 
-
-def cuda_ready() -> bool:
-    """A GPU torch can use, and mistral_cuda built with CUDA seeing one."""
-    try:
-        return bool(torch.cuda.is_available() and mc.cuda_compiled() and mc.cuda_device_count() > 0)
-    except Exception:
-        return False
-
-
-requires_cuda = pytest.mark.skipif(not cuda_ready(), reason="needs an NVIDIA GPU and mistral_cuda built with CUDA")
 
 SLACK = 1e-3  # absolute slack on top of 2 x transformers' own bf16 error
 FROM_CONFIG_TOL = 0.1  # bf16 vs f32 of the same random model (no transformers peer; transformers
@@ -75,52 +71,6 @@ def gpu_full(tmp_path_factory) -> tm.TinyModel:
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     )
     return tm.make_hf_checkpoint(tmp_path_factory.mktemp("gpu_full"), cfg, tm.seed_of("gpu_full"))
-
-
-def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return tm.logits_error(actual, expected)[0]
-
-
-def transformers_gpu(model, dtype=torch.bfloat16):
-    """The transformers model in `dtype` on the GPU. Only the parameters are cast: the rotary
-    inv_freq buffer stays float32, as when transformers loads a bf16 checkpoint."""
-    m = copy.deepcopy(model)
-    for p in m.parameters():
-        p.data = p.data.to(dtype)
-    return m.to("cuda").eval()
-
-
-def transformers_logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(torch.tensor([list(ids)], device="cuda"), use_cache=False)
-    return out.logits[0].float().cpu()
-
-
-def cuda_engine(tiny, **kw):
-    kw.setdefault("device", "cuda")
-    return mc.Engine.from_pretrained(str(tiny.path), progress=False, **kw)
-
-
-def cpu_engine(tiny, **kw):
-    return mc.Engine.from_pretrained(str(tiny.path), device="cpu", progress=False, **kw)
-
-
-def assert_within(out, ref, hf_err: float, what: str) -> float:
-    """err(out vs ref) <= 2 * hf_err + SLACK; out must be float32 [n, vocab] on the CPU, finite."""
-    assert isinstance(out, torch.Tensor), f"{what}: got {type(out)}"
-    assert out.dtype == torch.float32, f"{what}: dtype {out.dtype}"
-    assert out.device.type == "cpu", f"{what}: logits on {out.device}, expected the CPU"
-    assert tuple(out.shape) == tuple(ref.shape), f"{what}: shape {tuple(out.shape)} vs {tuple(ref.shape)}"
-    bad = int((~torch.isfinite(out)).sum())
-    assert bad == 0, f"{what}: {bad} NaN/inf logits"
-    err = rel(out, ref)
-    assert err <= 2 * hf_err + SLACK, f"{what}: relative error {err:.3g} > 2 x transformers bf16 error {hf_err:.3g} + {SLACK}"
-    return err
-
-
-# --------------------------------------------------------------------------------------
-# Logits: whole prompt and chunked prefill
-# --------------------------------------------------------------------------------------
 
 
 @pytest.mark.cuda

@@ -37,26 +37,29 @@ CPU engine of the same seed.
 
 from __future__ import annotations
 
-import copy
-import random
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import mistral_cuda as mc
 import tiny_models as tm
+from gpu_helpers import (
+    assert_close_2x,
+    assert_within as _assert_within,
+    cpu_engine,
+    cuda_engine,
+    gen,
+    on,
+    ops,
+    rand,
+    rel,
+    rel_err,
+    requires_cuda,
+    transformers_gpu,
+    transformers_logits,
+)
 
 
-def cuda_ready() -> bool:
-    """A GPU torch can use, and mistral_cuda built with CUDA seeing one."""
-    try:
-        return bool(torch.cuda.is_available() and mc.cuda_compiled() and mc.cuda_device_count() > 0)
-    except Exception:
-        return False
-
-
-requires_cuda = pytest.mark.skipif(not cuda_ready(), reason="needs an NVIDIA GPU and mistral_cuda built with CUDA")
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
 ROUTE_MARGIN = 1e-3  # smallest gap kept between a token's K-th and (K+1)-th router logit (logits are O(1))
@@ -65,54 +68,8 @@ SLACK = 1e-3  # whole model: absolute slack on top of 2 x transformers' own bf16
 FROM_CONFIG_TOL = 0.1  # bf16 GPU vs f32 CPU of the same random model, as in test_cuda_model.py
 
 
-def ops():
-    """mistral_cuda.ops, imported at call time so that collecting this file never needs it."""
-    from mistral_cuda import ops as mc_ops
-
-    return mc_ops
-
-
-# --------------------------------------------------------------------------------------
-# Inputs and comparison (as in test_cuda_ops.py)
-# --------------------------------------------------------------------------------------
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rand(shape, seed: int, dtype, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
-    """float32 CPU tensor of randn * scale + offset, rounded to `dtype` (exact in it)."""
-    x = torch.randn(shape, generator=gen(seed)) * scale + offset
-    return x.to(dtype).to(torch.float32)
-
-
-def on(x: torch.Tensor, device, dtype=None) -> torch.Tensor:
-    """A copy of x on the device (never an alias, even when nothing changes)."""
-    return x.to(device=device, dtype=dtype or x.dtype, copy=True)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    a = out.detach().to("cpu", torch.float64)
-    b = ref.detach().to("cpu", torch.float64)
-    return float((a - b).norm() / b.norm())
-
-
-def assert_close_2x(out, ref, base, what: str):
-    """err(out) <= 2 * err(base) + 1e-5 against ref (all relative Frobenius errors).
-    Returns (err(out), err(base))."""
-    assert tuple(out.shape) == tuple(ref.shape), f"{what}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
-    assert torch.isfinite(ref).all(), f"{what}: the CPU reference is not finite (CPU op or test bug)"
-    assert float(ref.double().norm()) > 0, f"{what}: the reference is all zeros"
-    assert torch.isfinite(base.float()).all(), f"{what}: the plain torch version is not finite (test bug)"
-    bad = int((~torch.isfinite(out.float())).sum())
-    assert bad == 0, f"{what}: {bad} of {out.numel()} output values are NaN/inf"
-    e_op, e_base = rel_err(out, ref), rel_err(base, ref)
-    assert e_op <= 2 * e_base + 1e-5, (
-        f"{what}: relative error {e_op:.3g} > 2 x plain-torch error {e_base:.3g} + 1e-5"
-        + row_detail(out, ref)
-    )
-    return e_op, e_base
+def assert_within(out, ref, hf_err: float, what: str) -> float:
+    return _assert_within(out, ref, hf_err, what, slack=SLACK, detail=row_detail)
 
 
 def row_detail(out, ref, n: int = 8) -> str:
@@ -485,49 +442,6 @@ def moe128(tmp_path_factory) -> tm.TinyModel:
     return tm.make_bf16_checkpoint(tmp_path_factory.mktemp("moe128"), moe_config(128), tm.seed_of("gpu_moe128"))
 
 
-def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return tm.logits_error(actual, expected)[0]
-
-
-def transformers_gpu(model, dtype=torch.bfloat16):
-    """The transformers model in `dtype` on the GPU. Only the parameters are cast: the rotary
-    inv_freq buffer stays float32, as when transformers loads a bf16 checkpoint."""
-    m = copy.deepcopy(model)
-    for p in m.parameters():
-        p.data = p.data.to(dtype)
-    return m.to("cuda").eval()
-
-
-def transformers_logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(torch.tensor([list(ids)], device="cuda"), use_cache=False)
-    return out.logits[0].float().cpu()
-
-
-def cuda_engine(tiny, **kw):
-    kw.setdefault("device", "cuda")
-    return mc.Engine.from_pretrained(str(tiny.path), progress=False, **kw)
-
-
-def cpu_engine(tiny, **kw):
-    return mc.Engine.from_pretrained(str(tiny.path), device="cpu", progress=False, **kw)
-
-
-def assert_within(out, ref, hf_err: float, what: str) -> float:
-    """err(out vs ref) <= 2 * hf_err + SLACK; out must be float32 [n, vocab] on the CPU, finite."""
-    assert isinstance(out, torch.Tensor), f"{what}: got {type(out)}"
-    assert out.dtype == torch.float32, f"{what}: dtype {out.dtype}"
-    assert out.device.type == "cpu", f"{what}: logits on {out.device}, expected the CPU"
-    assert tuple(out.shape) == tuple(ref.shape), f"{what}: shape {tuple(out.shape)} vs {tuple(ref.shape)}"
-    bad = int((~torch.isfinite(out)).sum())
-    assert bad == 0, f"{what}: {bad} NaN/inf logits"
-    err = rel(out, ref)
-    assert err <= 2 * hf_err + SLACK, (
-        f"{what}: relative error {err:.3g} > 2 x transformers bf16 error {hf_err:.3g} + {SLACK}" + row_detail(out, ref)
-    )
-    return err
-
-
 @pytest.mark.parametrize("block_size", [16, 3])
 @pytest.mark.parametrize("chunk_size", [None, 1, 7])
 @pytest.mark.parametrize("which", ["moe64", "moe128"])
@@ -546,42 +460,6 @@ def test_mixtral_logits_match_transformers_and_cpu(which, chunk_size, block_size
     assert_within(out, cpu_out, hf_err, f"{what} vs CPU backend f32")
 
 
-def run_interleaved(m, prompts, vocab, seed, start_steps):
-    """Steps the prompts together (shuffled entry order): a first chunk of 1-23 tokens, then
-    mostly single tokens with some short chunks. Returns all logits rows per prompt."""
-    rng = random.Random(seed)
-    seqs, pos = {}, [0] * len(prompts)
-    rows = [[] for _ in prompts]
-    step_no = 0
-    while any(p < len(prompt) for p, prompt in zip(pos, prompts)):
-        entries, owners = [], []
-        for i, prompt in enumerate(prompts):
-            if step_no < start_steps[i] or pos[i] >= len(prompt):
-                continue
-            if i not in seqs:
-                seqs[i] = m.add_sequence()
-                k = rng.choice([1, 4, 9, 23])
-            else:
-                k = rng.choice([1, 1, 1, 2, 5, 11])
-            k = min(k, len(prompt) - pos[i])
-            entries.append((seqs[i], prompt[pos[i] : pos[i] + k]))
-            owners.append((i, k))
-        order = list(range(len(entries)))
-        rng.shuffle(order)
-        entries = [entries[j] for j in order]
-        owners = [owners[j] for j in order]
-        outs = m.step(entries, all_logits=True) if entries else []
-        assert len(outs) == len(entries)
-        for out, (i, k) in zip(outs, owners):
-            assert tuple(out.shape) == (k, vocab)
-            rows[i].append(out)
-            pos[i] += k
-        step_no += 1
-    for s in seqs.values():
-        m.free_sequence(s)
-    return [torch.cat(r) for r in rows]
-
-
 @pytest.mark.parametrize("block_size", [3, 16])
 @pytest.mark.parametrize("which", ["moe64", "moe128"])
 def test_mixtral_four_sequences_mixed_prefill_and_decode(which, block_size, request):
@@ -592,8 +470,8 @@ def test_mixtral_four_sequences_mixed_prefill_and_decode(which, block_size, requ
     lens = [77, 31, 110, 64]
     prompts = [tiny.random_ids(n, tm.seed_of(f"gpu-moe-batch-{which}-{i}")) for i, n in enumerate(lens)]
     sched = tm.seed_of(f"gpu-moe-sched-{which}")
-    rows = run_interleaved(cuda_engine(tiny, block_size=block_size).model, prompts, tiny.vocab_size, sched, [0, 0, 3, 7])
-    cpu_rows = run_interleaved(cpu_engine(tiny, block_size=block_size).model, prompts, tiny.vocab_size, sched, [0, 0, 3, 7])
+    rows, _ = tm.run_interleaved(cuda_engine(tiny, block_size=block_size).model, prompts, tiny.vocab_size, seed=sched, start_steps=[0, 0, 3, 7])
+    cpu_rows, _ = tm.run_interleaved(cpu_engine(tiny, block_size=block_size).model, prompts, tiny.vocab_size, seed=sched, start_steps=[0, 0, 3, 7])
     hf = transformers_gpu(tiny.model)
     ref = torch.cat([tiny.reference_logits(p) for p in prompts])
     hf_err = rel(torch.cat([transformers_logits(hf, p) for p in prompts]), ref)

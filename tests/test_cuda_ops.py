@@ -25,72 +25,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mistral_cuda as mc
 import tiny_models as tm
+from gpu_helpers import assert_close_2x, gen, on, ops, rand, requires_cuda
 
 
-def cuda_ready() -> bool:
-    """A GPU torch can use, and mistral_cuda built with CUDA seeing one."""
-    try:
-        return bool(torch.cuda.is_available() and mc.cuda_compiled() and mc.cuda_device_count() > 0)
-    except Exception:
-        return False
-
-
-requires_cuda = pytest.mark.skipif(not cuda_ready(), reason="needs an NVIDIA GPU and mistral_cuda built with CUDA")
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
 DTYPES = [torch.bfloat16, torch.float16]
 DTYPE_IDS = ["bf16", "f16"]
-
-
-def ops():
-    """mistral_cuda.ops, imported at call time so that collecting this file never needs it."""
-    from mistral_cuda import ops as mc_ops
-
-    return mc_ops
-
-
-# --------------------------------------------------------------------------------------
-# Inputs and comparison
-# --------------------------------------------------------------------------------------
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rand(shape, seed: int, dtype, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
-    """float32 CPU tensor of randn * scale + offset, rounded to `dtype` (exact in it)."""
-    x = torch.randn(shape, generator=gen(seed)) * scale + offset
-    return x.to(dtype).to(torch.float32)
-
-
-def on(x: torch.Tensor, device, dtype=None) -> torch.Tensor:
-    """A copy of x on the device (never an alias, even when nothing changes)."""
-    return x.to(device=device, dtype=dtype or x.dtype, copy=True)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    a = out.detach().to("cpu", torch.float64)
-    b = ref.detach().to("cpu", torch.float64)
-    return float((a - b).norm() / b.norm())
-
-
-def assert_close_2x(out, ref, base, what: str):
-    """err(out) <= 2 * err(base) + 1e-5 against ref (all relative Frobenius errors).
-    Returns (err(out), err(base))."""
-    assert tuple(out.shape) == tuple(ref.shape), f"{what}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
-    assert torch.isfinite(ref).all(), f"{what}: the CPU reference is not finite (CPU op or test bug)"
-    assert float(ref.double().norm()) > 0, f"{what}: the reference is all zeros"
-    assert torch.isfinite(base.float()).all(), f"{what}: the plain torch version is not finite (test bug)"
-    bad = int((~torch.isfinite(out.float())).sum())
-    assert bad == 0, f"{what}: {bad} of {out.numel()} output values are NaN/inf"
-    e_op, e_base = rel_err(out, ref), rel_err(base, ref)
-    assert e_op <= 2 * e_base + 1e-5, (
-        f"{what}: relative error {e_op:.3g} > 2 x plain-torch error {e_base:.3g} + 1e-5"
-    )
-    return e_op, e_base
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
@@ -514,7 +456,6 @@ def check_paged_attention(case, device, dtype):
     start = torch.tensor(starts, dtype=torch.int64)
     ref = ops().paged_attention(q, k_new, v_new, k_pool, v_pool, tables, cu, start, B, W)
 
-    d = dict(device=device, dtype=dtype)
     qd, knd, vnd, kpd, vpd = (on(x, device, dtype) for x in (q, k_new, v_new, k_pool, v_pool))
     out = ops().paged_attention(qd, knd, vnd, kpd, vpd, on(tables, device), on(cu, device), on(start, device), B, W)
     assert out.dtype == dtype, f"{name}: output {out.dtype}, expected {dtype}"
