@@ -114,36 +114,6 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list:
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
 
-def engine_decode(engine, batch: int, args) -> dict:
-    """Decode tokens/s at `batch` sequences, one token each per step."""
-    m = engine.model
-    vocab = engine.config.vocab_size
-    prompts = random_prompts(batch, args.prompt_len, vocab, args.seed + batch)
-    seqs = [m.add_sequence() for _ in range(batch)]
-    try:
-        toks = []
-        for g in range(0, batch, 8):  # prefill 8 sequences per step: bounded activations
-            outs = m.step([(seqs[i], prompts[i]) for i in range(g, min(batch, g + 8))])
-            toks += torch.stack(outs).argmax(-1).tolist()
-        state = {"toks": toks}
-
-        def steps(n):
-            for _ in range(n):
-                outs = m.step([(s, [t]) for s, t in zip(seqs, state["toks"])])
-                state["toks"] = torch.stack(outs).argmax(-1).tolist()
-
-        if args.warmup:
-            steps(args.warmup)
-        finite = bool(torch.isfinite(torch.stack(m.step([(s, [t]) for s, t in zip(seqs, state["toks"])]))).all())
-        t = common.time_cuda(lambda i: steps(args.steps), warmup=0, repeats=args.repeats) / args.steps
-    finally:
-        for s in seqs:
-            m.free_sequence(s)
-    first = args.prompt_len + args.warmup + 1
-    avg_ctx = first + (args.repeats * args.steps) / 2
-    return {"batch": batch, "step_ms": t * 1e3, "tok_s": batch / t, "avg_context": avg_ctx, "finite": finite}
-
-
 def engine_ttft(engine, args) -> float:
     m = engine.model
     prompt = random_prompts(1, args.ttft_len, engine.config.vocab_size, args.seed + 7)[0]
@@ -179,7 +149,7 @@ def run_engine(mc, cfg, args) -> dict:
                 print(f"mistral_cuda: TTFT FAILED: {type(e).__name__}: {e}")
         for b in args.batches:
             try:
-                r = engine_decode(engine, b, args)
+                r = common.engine_decode(engine, b, args.prompt_len, args.seed, args.warmup, args.steps, args.repeats)
                 res["decode"][b] = r
                 print(f"mistral_cuda: decode batch {b}: {r['tok_s']:.1f} tok/s ({r['step_ms']:.2f} ms/step), finite logits: {r['finite']}")
                 if not r["finite"]:

@@ -229,36 +229,6 @@ def layer_bytes(cfg) -> int:
     return 2 * (d * q + 2 * d * kv + q * d + 2 * d + cfg.n_experts * (d + 3 * d * cfg.hidden_dim))
 
 
-def engine_decode(engine, batch: int, args) -> dict:
-    m = engine.model
-    vocab = engine.config.vocab_size
-    g = torch.Generator().manual_seed(args.seed + batch)
-    prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=g).tolist()
-    seqs = [m.add_sequence() for _ in range(batch)]
-    try:
-        toks = []
-        for s in range(0, batch, 8):  # prefill 8 sequences per step: bounded activations
-            outs = m.step([(seqs[i], prompts[i]) for i in range(s, min(batch, s + 8))])
-            toks += torch.stack(outs).argmax(-1).tolist()
-        state = {"toks": toks}
-
-        def steps(n):
-            for _ in range(n):
-                outs = m.step([(q, [t]) for q, t in zip(seqs, state["toks"])])
-                state["toks"] = torch.stack(outs).argmax(-1).tolist()
-
-        steps(args.warmup)
-        outs = m.step([(q, [t]) for q, t in zip(seqs, state["toks"])])
-        finite = bool(torch.isfinite(torch.stack(outs)).all())
-        state["toks"] = torch.stack(outs).argmax(-1).tolist()
-        t = common.time_cuda(lambda i: steps(args.steps), warmup=0, repeats=args.decode_repeats) / args.steps
-    finally:
-        for q in seqs:
-            m.free_sequence(q)
-    avg_ctx = args.prompt_len + args.warmup + 1 + args.decode_repeats * args.steps / 2
-    return {"batch": batch, "step_ms": t * 1e3, "tok_s": batch / t, "avg_context": avg_ctx, "finite": finite}
-
-
 def run_decode(mc, args, copy_bw: float, failed: list):
     cfg = mc.ModelConfig.preset("mixtral-8x7b")
     free, _ = torch.cuda.mem_get_info()
@@ -292,7 +262,7 @@ def run_decode(mc, args, copy_bw: float, failed: list):
         print(f"{'batch':>5} {'tok/s':>9} {'ms/step':>8} {'experts/layer':>13} {'GB/step':>8} {'roofline tok/s':>15} {'of roofline':>12}")
         for b in args.batches:
             try:
-                r = engine_decode(engine, b, args)
+                r = common.engine_decode(engine, b, args.prompt_len, args.seed, args.warmup, args.steps, args.decode_repeats)
             except Exception as e:
                 print(f"{b:>5}: FAILED: {type(e).__name__}: {e}")
                 failed.append(f"decode batch {b}: {type(e).__name__}: {e}")

@@ -84,6 +84,39 @@ def time_cuda(fn: Callable[[int], object], *, warmup: int = 3, repeats: int = 10
     return statistics.median(samples)
 
 
+def engine_decode(engine, batch: int, prompt_len: int, seed: int, warmup: int, steps: int, repeats: int) -> dict:
+    """mistral_cuda decode speed: `batch` sequences after a random `prompt_len`-token prefill,
+    one greedy token each per model.step; the time of a step is the median over `repeats` runs
+    of `steps` steps. Returns tok/s, ms per step, the mean context length and whether the
+    logits were finite."""
+    m = engine.model
+    g = torch.Generator().manual_seed(seed + batch)
+    prompts = torch.randint(0, engine.config.vocab_size, (batch, prompt_len), generator=g).tolist()
+    seqs = [m.add_sequence() for _ in range(batch)]
+    try:
+        toks = []
+        for first in range(0, batch, 8):  # prefill 8 sequences per step: bounded activations
+            outs = m.step([(seqs[i], prompts[i]) for i in range(first, min(batch, first + 8))])
+            toks += torch.stack(outs).argmax(-1).tolist()
+        state = {"toks": toks}
+
+        def run(n):
+            for _ in range(n):
+                outs = m.step([(s, [t]) for s, t in zip(seqs, state["toks"])])
+                state["toks"] = torch.stack(outs).argmax(-1).tolist()
+
+        run(warmup)
+        outs = m.step([(s, [t]) for s, t in zip(seqs, state["toks"])])
+        finite = bool(torch.isfinite(torch.stack(outs)).all())
+        state["toks"] = torch.stack(outs).argmax(-1).tolist()
+        t = time_cuda(lambda i: run(steps), warmup=0, repeats=repeats) / steps
+    finally:
+        for s in seqs:
+            m.free_sequence(s)
+    avg_ctx = prompt_len + warmup + 1 + repeats * steps / 2
+    return {"batch": batch, "step_ms": t * 1e3, "tok_s": batch / t, "avg_context": avg_ctx, "finite": finite}
+
+
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     """Device-to-device copy bandwidth in bytes/s: (bytes read + bytes written) / time of
     dst.copy_(src) on a `nbytes` tensor, median of repeats. The peer every number is held to."""
