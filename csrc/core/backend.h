@@ -1,52 +1,69 @@
-// What a backend (CPU reference, CUDA) implements: the forward pass over one flattened step.
+// The op table a backend (cpu/, cuda/) implements. The runtime (runtime/model_runner.*) owns the
+// layer loop and calls these ops; a backend only runs them, on its own device and stream, in
+// call order. Every op takes one plain Params struct (core/op_params.h); pointers name memory
+// of the backend's device, allocated through allocate().
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <vector>
+#include <string>
 
 #include "core/checkpoint.h"
 #include "core/config.h"
-#include "core/kv_layout.h"
+#include "core/op_params.h"
 
 namespace mc {
 
-// One step's batch flattened like variable-length attention: all new tokens of all entries as
-// one list of T tokens, entry e owning rows cu_seqlens[e] .. cu_seqlens[e + 1].
-struct StepBatch {
-  std::vector<int32_t> tokens;        // [T]
-  std::vector<int64_t> positions;     // [T] absolute positions
-  std::vector<int32_t> cu_seqlens;    // [n_entries + 1]
-  std::vector<int64_t> start_pos;     // [n_entries] cached length before this step
-  std::vector<int32_t> block_tables;  // [n_entries, max_blocks], -1 = unallocated
-  int32_t max_blocks = 0;
-  std::vector<int32_t> logit_rows;    // token rows whose logits are returned, in output order
-
-  int32_t n_entries() const { return static_cast<int32_t>(start_pos.size()); }
-  int32_t n_tokens() const { return static_cast<int32_t>(tokens.size()); }
+// Bounds of every step the runtime will run, fixed at load: workspaces are sized from them once.
+struct StepLimits {
+  int32_t max_tokens = 0;       // token rows of one forward pass
+  int32_t max_entries = 0;      // sequences of one forward pass
+  int32_t max_logit_rows = 0;   // LM-head rows computed at once
+  int64_t max_context = 0;      // most keys one query can see (max_seq_len, or the window)
 };
 
 class Backend {
  public:
   virtual ~Backend() = default;
-  // Runs every layer, writes the K/V that must stay cached into the pools, and writes logits
-  // [batch.logit_rows.size(), vocab_size] (float32, host memory) to `logits`.
-  virtual void forward(const StepBatch& batch, float* logits) = 0;
-};
 
-// What every backend is built from, besides its weights.
-struct BackendInit {
-  ModelConfig config;
-  KvLayout layout;
-  int64_t num_blocks = 0;
-  DType dtype = DType::kF32;  // weights and activations (the CPU backend: float32)
-  ProgressFn progress;        // weight upload progress, in bytes
-};
+  virtual const char* name() const = 0;  // "cpu" | "cuda"
+  // The activation dtype for weights stored as `weights` (the CPU computes in float32; CUDA in
+  // the weights' half dtype).
+  virtual DType activation_dtype(DType weights) const = 0;
 
-// The CUDA backend (cuda/cuda_backend.cu; without CUDA, no_cuda.cpp fails with kUnsupported):
-// from host weights of any float dtype, converted on the device, or from random weights drawn
-// on the device (the same numbers random_weights() draws on the host).
-std::unique_ptr<Backend> make_cuda_backend(const BackendInit& init, const ModelWeights& host_weights);
-std::unique_ptr<Backend> make_random_cuda_backend(const BackendInit& init, uint64_t seed);
+  // ---- memory (device memory for CUDA, host memory for the CPU) ----
+  // Zero-filled device memory, freed with the last copy of the pointer.
+  virtual std::shared_ptr<void> allocate(size_t bytes) = 0;
+  // Host memory the backend copies from and to fastest (pinned for CUDA).
+  virtual std::shared_ptr<void> allocate_host(size_t bytes) = 0;
+  // Asynchronous in the backend's stream order; host buffers must stay valid until synchronize().
+  virtual void copy_to_device(void* device, const void* host, size_t bytes) = 0;
+  virtual void copy_to_host(void* host, const void* device, size_t bytes) = 0;
+  virtual void synchronize() = 0;
+
+  // ---- weights ----
+  // The checkpoint's weights on this backend, as `dtype` (nullopt: as stored). Norm weights
+  // become the activation dtype. Progress is reported in bytes.
+  virtual ModelWeights place_weights(const ModelConfig& config, ModelWeights host, std::optional<DType> dtype,
+                                     const ProgressFn& progress) = 0;
+  // A random model drawn from `seed` (core/random.h: the same numbers on every backend).
+  virtual ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype) = 0;
+
+  // ---- scratch the ops need for any step within `limits` ----
+  virtual size_t attention_workspace_bytes(const ModelConfig& config, const StepLimits& limits, DType act) = 0;
+  virtual size_t moe_workspace_bytes(const ModelConfig& config, const StepLimits& limits, DType act) = 0;
+
+  // ---- ops ----
+  virtual void embedding(const EmbeddingParams& p) = 0;
+  virtual void rms_norm(const RmsNormParams& p) = 0;
+  virtual void linear(const LinearParams& p) = 0;
+  virtual void qkv_rope(const QkvRopeParams& p) = 0;
+  // Paged attention over the whole step: decode entries and prefill entries each take their kernel.
+  virtual void attention(const AttentionParams& p) = 0;
+  virtual void kv_append(const KvAppendParams& p) = 0;
+  virtual void silu_mul(const SiluMulParams& p) = 0;
+  virtual void moe(const MoeParams& p) = 0;
+};
 
 }  // namespace mc

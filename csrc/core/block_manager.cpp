@@ -1,6 +1,7 @@
 #include "core/block_manager.h"
 
 #include <algorithm>
+#include <set>
 
 #include "core/error.h"
 
@@ -55,16 +56,16 @@ int64_t BlockManager::blocks_in_use(int32_t seq) const {
 
 const std::vector<int32_t>& BlockManager::table(int32_t seq) const { return get(seq).table; }
 
-int64_t BlockManager::blocks_needed(int32_t seq, int64_t begin, int64_t end) const {
-  if (end <= begin) return 0;
+int64_t BlockManager::blocks_needed(int32_t seq, const std::vector<std::pair<int64_t, int64_t>>& ranges) const {
   const auto& table = get(seq).table;
+  // Table entries the ranges touch (ring entries repeat across chunks of a long prompt).
+  std::set<int64_t> touched;
+  for (const auto& [begin, end] : ranges)
+    for (int64_t block = layout_.logical_block(begin); end > begin && block <= layout_.logical_block(end - 1); ++block)
+      touched.insert(layout_.table_index(block * layout_.block_size));
   int64_t needed = 0;
-  // Under a window the range [begin, end) spans at most R logical blocks, so their ring entries
-  // are distinct and each is counted once.
-  for (int64_t block = layout_.logical_block(begin); block <= layout_.logical_block(end - 1); ++block) {
-    int64_t index = layout_.table_index(block * layout_.block_size);
+  for (int64_t index : touched)
     if (index >= static_cast<int64_t>(table.size()) || table[index] < 0) ++needed;
-  }
   return needed;
 }
 

@@ -29,8 +29,9 @@ class BlockManager {
   // Block table, one entry per logical block (or ring entry); -1 = not allocated yet.
   const std::vector<int32_t>& table(int32_t seq) const;
 
-  // Blocks that writing positions [begin, end) of `seq` would newly allocate.
-  int64_t blocks_needed(int32_t seq, int64_t begin, int64_t end) const;
+  // Blocks that writing positions [begin, end) of `seq` would newly allocate, for each range of
+  // `ranges` in turn (the chunks one step writes).
+  int64_t blocks_needed(int32_t seq, const std::vector<std::pair<int64_t, int64_t>>& ranges) const;
   // Allocates them; the caller has checked free_blocks() covers every entry of the step.
   void allocate(int32_t seq, int64_t begin, int64_t end);
 

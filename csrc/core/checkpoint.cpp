@@ -135,10 +135,9 @@ void permute_rows_to_half_rotation(const uint8_t* src, uint8_t* dst, int64_t n_h
 
 enum class RowOrder { kAsStored, kInterleavedHeads };
 
+// One checkpoint tensor and where it goes (see WeightSlot), with the row order it is stored in.
 struct WeightRequest {
-  std::string name;
-  std::vector<int64_t> shape;
-  Tensor* target;
+  WeightSlot slot;
   RowOrder rows = RowOrder::kAsStored;
   int64_t rope_heads = 0;  // heads to permute for kInterleavedHeads
 };
@@ -166,54 +165,75 @@ NameScheme scheme_for(CheckpointLayout layout) {
 std::vector<WeightRequest> plan_weights(const ModelConfig& c, CheckpointLayout layout, ModelWeights& w) {
   NameScheme names = scheme_for(layout);
   RowOrder qk_rows = layout == CheckpointLayout::kMistral ? RowOrder::kInterleavedHeads : RowOrder::kAsStored;
+  const int64_t D = c.dim, F = c.hidden_dim, E = c.n_experts;
+  const std::vector<int64_t> qkv_shape = {c.q_dim() + 2 * c.kv_dim(), D};
   std::vector<WeightRequest> plan;
-  plan.push_back({names.embed, {c.vocab_size, c.dim}, &w.tok_embeddings});
+  auto whole = [&](std::string name, std::vector<int64_t> shape, Tensor* target) {
+    plan.push_back({{std::move(name), shape, target, shape, 0}});
+  };
+  // A piece of a stacked tensor, starting at element `offset` of it.
+  auto piece = [&](std::string name, std::vector<int64_t> shape, Tensor* target, std::vector<int64_t> target_shape,
+                   int64_t offset, RowOrder rows = RowOrder::kAsStored, int64_t rope_heads = 0) {
+    plan.push_back({{std::move(name), std::move(shape), target, std::move(target_shape), offset}, rows, rope_heads});
+  };
+  whole(names.embed, {c.vocab_size, D}, &w.tok_embeddings);
   w.layers.resize(c.n_layers);
   for (int64_t i = 0; i < c.n_layers; ++i) {
     LayerWeights& layer = w.layers[i];
     std::string prefix = names.layer_prefix + std::to_string(i) + ".";
-    plan.push_back({prefix + names.attn_norm, {c.dim}, &layer.attn_norm});
-    plan.push_back({prefix + names.wq, {c.q_dim(), c.dim}, &layer.wq, qk_rows, c.n_heads});
-    plan.push_back({prefix + names.wk, {c.kv_dim(), c.dim}, &layer.wk, qk_rows, c.n_kv_heads});
-    plan.push_back({prefix + names.wv, {c.kv_dim(), c.dim}, &layer.wv});
-    plan.push_back({prefix + names.wo, {c.dim, c.q_dim()}, &layer.wo});
-    plan.push_back({prefix + names.ffn_norm, {c.dim}, &layer.ffn_norm});
+    whole(prefix + names.attn_norm, {D}, &layer.attn_norm);
+    piece(prefix + names.wq, {c.q_dim(), D}, &layer.wqkv, qkv_shape, 0, qk_rows, c.n_heads);
+    piece(prefix + names.wk, {c.kv_dim(), D}, &layer.wqkv, qkv_shape, c.q_dim() * D, qk_rows, c.n_kv_heads);
+    piece(prefix + names.wv, {c.kv_dim(), D}, &layer.wqkv, qkv_shape, (c.q_dim() + c.kv_dim()) * D);
+    whole(prefix + names.wo, {D, c.q_dim()}, &layer.wo);
+    whole(prefix + names.ffn_norm, {D}, &layer.ffn_norm);
     if (!c.is_moe()) {
-      plan.push_back({prefix + names.w1, {c.hidden_dim, c.dim}, &layer.ffn.w1});
-      plan.push_back({prefix + names.w2, {c.dim, c.hidden_dim}, &layer.ffn.w2});
-      plan.push_back({prefix + names.w3, {c.hidden_dim, c.dim}, &layer.ffn.w3});
+      piece(prefix + names.w1, {F, D}, &layer.w13, {2 * F, D}, 0);
+      whole(prefix + names.w2, {D, F}, &layer.w2);
+      piece(prefix + names.w3, {F, D}, &layer.w13, {2 * F, D}, F * D);
       continue;
     }
-    plan.push_back({prefix + names.router, {c.n_experts, c.dim}, &layer.router});
-    layer.experts.resize(c.n_experts);
-    for (int64_t e = 0; e < c.n_experts; ++e) {
+    whole(prefix + names.router, {E, D}, &layer.router);
+    for (int64_t e = 0; e < E; ++e) {
       std::string expert = prefix + names.experts + std::to_string(e) + ".";
-      plan.push_back({expert + "w1.weight", {c.hidden_dim, c.dim}, &layer.experts[e].w1});
-      plan.push_back({expert + "w2.weight", {c.dim, c.hidden_dim}, &layer.experts[e].w2});
-      plan.push_back({expert + "w3.weight", {c.hidden_dim, c.dim}, &layer.experts[e].w3});
+      piece(expert + "w1.weight", {F, D}, &layer.w13, {E, 2 * F, D}, e * 2 * F * D);
+      piece(expert + "w2.weight", {D, F}, &layer.w2, {E, D, F}, e * D * F);
+      piece(expert + "w3.weight", {F, D}, &layer.w13, {E, 2 * F, D}, e * 2 * F * D + F * D);
     }
   }
-  plan.push_back({names.norm, {c.dim}, &w.norm});
-  if (!c.tie_embeddings) plan.push_back({names.output, {c.vocab_size, c.dim}, &w.output});
+  whole(names.norm, {D}, &w.norm);
+  if (!c.tie_embeddings) whole(names.output, {c.vocab_size, D}, &w.output);
   return plan;
 }
 
-Tensor load_tensor(const TensorIndex::Location& where, const WeightRequest& request, std::optional<DType> dtype) {
-  Tensor stored = where.file->view(*where.entry);
-  if (request.rows == RowOrder::kInterleavedHeads) {
-    Tensor permuted = Tensor::empty(stored.dtype, request.shape);
-    const size_t row_bytes = static_cast<size_t>(request.shape[1]) * dtype_size(stored.dtype);
-    permute_rows_to_half_rotation(static_cast<const uint8_t*>(stored.data), static_cast<uint8_t*>(permuted.data),
-                                  request.rope_heads, request.shape[0] / request.rope_heads, row_bytes);
-    stored = std::move(permuted);
+int64_t numel_of(const std::vector<int64_t>& shape) {
+  int64_t count = 1;
+  for (int64_t extent : shape) count *= extent;
+  return count;
+}
+
+// Copies one checkpoint tensor into its (allocated) target: read with pread, rows permuted to
+// the half-rotation order if stored interleaved, converted to the target's dtype.
+void copy_into_target(const TensorIndex::Location& where, const WeightRequest& request) {
+  const SafetensorsEntry& entry = *where.entry;
+  const DType stored = *entry.dtype;
+  Tensor& target = *request.slot.target;
+  uint8_t* dst = static_cast<uint8_t*>(target.data) + request.slot.offset * static_cast<int64_t>(dtype_size(target.dtype));
+  const int64_t count = numel_of(request.slot.shape);
+  if (request.rows == RowOrder::kAsStored && stored == target.dtype) {
+    where.file->read_into(entry, dst);
+    return;
   }
-  if (!dtype || *dtype == stored.dtype) return stored;
-  if (*dtype != DType::kF32)
-    fail(ErrorKind::kUnsupported, "weights convert to float32 on load, or keep their stored dtype; not ",
-         dtype_name(*dtype));
-  Tensor converted = Tensor::empty(DType::kF32, request.shape);
-  convert_to_f32(stored.data, stored.dtype, stored.numel(), converted.f32());
-  return converted;
+  std::vector<uint8_t> raw(entry.nbytes);
+  where.file->read_into(entry, raw.data());
+  if (request.rows == RowOrder::kInterleavedHeads) {
+    std::vector<uint8_t> permuted(entry.nbytes);
+    const size_t row_bytes = static_cast<size_t>(request.slot.shape[1]) * dtype_size(stored);
+    permute_rows_to_half_rotation(raw.data(), permuted.data(), request.rope_heads,
+                                  request.slot.shape[0] / request.rope_heads, row_bytes);
+    raw.swap(permuted);
+  }
+  convert(raw.data(), stored, dst, target.dtype, static_cast<size_t>(count));
 }
 
 }  // namespace
@@ -221,23 +241,31 @@ Tensor load_tensor(const TensorIndex::Location& where, const WeightRequest& requ
 std::vector<WeightSlot> weight_slots(const ModelConfig& config, ModelWeights& weights) {
   std::vector<WeightSlot> slots;
   for (WeightRequest& request : plan_weights(config, CheckpointLayout::kHuggingFace, weights))
-    slots.push_back({std::move(request.name), std::move(request.shape), request.target});
+    slots.push_back(std::move(request.slot));
   return slots;
 }
 
-ModelWeights random_weights(const ModelConfig& config, uint64_t seed) {
+void allocate_weights(const std::vector<WeightSlot>& slots, DType dtype) {
+  for (const WeightSlot& slot : slots)
+    if (!slot.target->defined()) *slot.target = Tensor::empty(dtype, slot.target_shape);
+}
+
+ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype) {
   config.validate();
   ModelWeights weights;
   std::vector<WeightSlot> slots = weight_slots(config, weights);
+  allocate_weights(slots, dtype);
   for (size_t slot = 0; slot < slots.size(); ++slot) {
-    Tensor tensor = Tensor::empty(DType::kF32, slots[slot].shape);
-    float* data = tensor.f32();
-    const int64_t n = tensor.numel();
+    const Tensor& target = *slots[slot].target;
+    const int64_t n = numel_of(slots[slot].shape);
+    const int64_t offset = slots[slot].offset;
     const uint64_t stream = weight_stream(seed, slot);
     const bool is_norm = slots[slot].shape.size() == 1;
 #pragma omp parallel for schedule(static) if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) data[i] = is_norm ? 1.0f : kRandomWeightStd * normal_sample(stream, i);
-    *slots[slot].target = std::move(tensor);
+    for (int64_t i = 0; i < n; ++i) {
+      store_float(target.data, dtype, static_cast<size_t>(offset + i),
+                  is_norm ? 1.0f : kRandomWeightStd * normal_sample(stream, i));
+    }
   }
   if (config.tie_embeddings) weights.output = weights.tok_embeddings;
   return weights;
@@ -248,7 +276,7 @@ ModelConfig read_model_config(const std::string& model_dir) {
   return read_config(model_dir, detect_layout(model_dir));
 }
 
-Checkpoint load_checkpoint(const std::string& model_dir, std::optional<DType> dtype, const ProgressFn& progress) {
+Checkpoint load_checkpoint(const std::string& model_dir, const LoadOptions& options) {
   require_dir(model_dir);
   Checkpoint checkpoint;
   checkpoint.layout = detect_layout(model_dir);
@@ -257,28 +285,39 @@ Checkpoint load_checkpoint(const std::string& model_dir, std::optional<DType> dt
                                                                             : open_mistral_files(model_dir);
   std::vector<WeightRequest> plan = plan_weights(checkpoint.config, checkpoint.layout, checkpoint.weights);
 
-  // Check every tensor's presence, dtype and shape before converting anything.
+  // Check every tensor's presence, dtype and shape before allocating or converting anything.
   int64_t total_bytes = 0;
   std::vector<const TensorIndex::Location*> sources;
   for (const WeightRequest& request : plan) {
-    const TensorIndex::Location* where = index.find(request.name);
-    if (!where) fail(ErrorKind::kCheckpoint, model_dir, ": missing tensor '", request.name, "'");
+    const std::string& name = request.slot.name;
+    const TensorIndex::Location* where = index.find(name);
+    if (!where) fail(ErrorKind::kCheckpoint, model_dir, ": missing tensor '", name, "'");
     const SafetensorsEntry& entry = *where->entry;
     if (!entry.dtype)
-      fail(ErrorKind::kCheckpoint, model_dir, ": tensor '", request.name, "' has dtype ", entry.dtype_name,
+      fail(ErrorKind::kCheckpoint, model_dir, ": tensor '", name, "' has dtype ", entry.dtype_name,
            "; weights must be F32, BF16 or F16");
-    if (entry.shape != request.shape)
-      fail(ErrorKind::kCheckpoint, model_dir, ": tensor '", request.name, "' has shape ", shape_str(entry.shape),
-           " but the config implies ", shape_str(request.shape), " (config inconsistent with the weights?)");
+    if (entry.shape != request.slot.shape)
+      fail(ErrorKind::kCheckpoint, model_dir, ": tensor '", name, "' has shape ", shape_str(entry.shape),
+           " but the config implies ", shape_str(request.slot.shape), " (config inconsistent with the weights?)");
     total_bytes += static_cast<int64_t>(entry.nbytes);
     sources.push_back(where);
   }
 
   int64_t done_bytes = 0;
   for (size_t i = 0; i < plan.size(); ++i) {
-    *plan[i].target = load_tensor(*sources[i], plan[i], dtype);
-    done_bytes += static_cast<int64_t>(sources[i]->entry->nbytes);
-    if (progress) progress(done_bytes, total_bytes);
+    const WeightRequest& request = plan[i];
+    const SafetensorsEntry& entry = *sources[i]->entry;
+    const DType dtype = options.dtype.value_or(*entry.dtype);
+    Tensor& target = *request.slot.target;
+    if (options.use_mmap && request.slot.whole() && request.rows == RowOrder::kAsStored && dtype == *entry.dtype) {
+      target = sources[i]->file->view(entry);
+    } else {
+      // A stacked tensor takes the dtype of its first piece (or the requested one).
+      if (!target.defined()) target = Tensor::empty(dtype, request.slot.target_shape);
+      copy_into_target(*sources[i], request);
+    }
+    done_bytes += static_cast<int64_t>(entry.nbytes);
+    if (options.progress) options.progress(done_bytes, total_bytes);
   }
   if (checkpoint.config.tie_embeddings) checkpoint.weights.output = checkpoint.weights.tok_embeddings;
   return checkpoint;

@@ -17,22 +17,16 @@
 
 namespace mc {
 
-struct ExpertWeights {
-  Tensor w1;  // gate projection [hidden_dim, dim]
-  Tensor w2;  // down projection [dim, hidden_dim]
-  Tensor w3;  // up projection   [hidden_dim, dim]
-};
-
+// Weights in the layout the runtime computes with: the q/k/v projections stacked into one
+// matrix and the gate/up projections into another (one GEMM each), MoE experts stacked.
 struct LayerWeights {
   Tensor attn_norm;  // [dim]
-  Tensor wq;         // [n_heads * head_dim, dim]
-  Tensor wk;         // [n_kv_heads * head_dim, dim]
-  Tensor wv;         // [n_kv_heads * head_dim, dim]
-  Tensor wo;         // [dim, n_heads * head_dim]
+  Tensor wqkv;       // [q_dim + 2 kv_dim, dim]: rows of wq, then wk, then wv
+  Tensor wo;         // [dim, q_dim]
   Tensor ffn_norm;   // [dim]
-  ExpertWeights ffn;                  // dense models
-  Tensor router;                      // MoE: [n_experts, dim]
-  std::vector<ExpertWeights> experts;  // MoE
+  Tensor w13;        // dense: [2 hidden_dim, dim] (w1 rows, then w3); MoE: [n_experts, 2 hidden_dim, dim]
+  Tensor w2;         // dense: [dim, hidden_dim]; MoE: [n_experts, dim, hidden_dim]
+  Tensor router;     // MoE: [n_experts, dim]
 };
 
 struct ModelWeights {
@@ -56,20 +50,32 @@ struct Checkpoint {
 // Reads only the config of a model directory.
 ModelConfig read_model_config(const std::string& model_dir);
 
-// Loads config and weights. With `dtype` set, weights are converted to it; without, they keep
-// the dtype stored in the file. Tensors already in their final form are memory-mapped views of
-// the file, not copies.
-Checkpoint load_checkpoint(const std::string& model_dir, std::optional<DType> dtype, const ProgressFn& progress);
+struct LoadOptions {
+  std::optional<DType> dtype;  // matrices converted to it; nullopt = kept as stored
+  bool use_mmap = true;        // whole tensors in their final form are views of the mapped file
+  ProgressFn progress;         // bytes of tensors loaded so far / in all
+};
 
-// Every weight tensor of a model: Hugging Face name, shape, and its slot in `weights`.
+// Loads config and weights. Tensors in their final form are memory-mapped views of the file
+// (with use_mmap), the stacked ones (wqkv, w13, experts) are read into owned memory.
+Checkpoint load_checkpoint(const std::string& model_dir, const LoadOptions& options);
+
+// Every checkpoint tensor of a model: Hugging Face name, shape, and where it goes: `target`
+// (a tensor of `target_shape`) from element `offset` on. Stacked tensors have several slots.
 struct WeightSlot {
   std::string name;
   std::vector<int64_t> shape;
   Tensor* target;
+  std::vector<int64_t> target_shape;
+  int64_t offset = 0;
+  bool whole() const { return offset == 0 && shape == target_shape; }
 };
 std::vector<WeightSlot> weight_slots(const ModelConfig& config, ModelWeights& weights);
 
-// A random model in float32 host memory (see core/random.h: the GPU draws the same numbers).
-ModelWeights random_weights(const ModelConfig& config, uint64_t seed);
+// Allocates every tensor of `weights` the slots name (shapes from the config), zero-filled.
+void allocate_weights(const std::vector<WeightSlot>& slots, DType dtype);
+
+// A random model in host memory as `dtype` (see core/random.h: the GPU draws the same numbers).
+ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype);
 
 }  // namespace mc

@@ -11,21 +11,14 @@ DType parse_dtype(const std::string& name) {
   fail(ErrorKind::kInvalidRequest, "unknown dtype '", name, "' (expected float32, bfloat16 or float16)");
 }
 
-void convert_to_f32(const void* src, DType dtype, size_t count, float* dst) {
-  switch (dtype) {
-    case DType::kF32:
-      memcpy(dst, src, count * 4);
-      return;
-    case DType::kBF16: {
-      auto* in = static_cast<const uint16_t*>(src);
-      for (size_t i = 0; i < count; ++i) dst[i] = bf16_to_f32(in[i]);
-      return;
-    }
-    case DType::kF16: {
-      auto* in = static_cast<const uint16_t*>(src);
-      for (size_t i = 0; i < count; ++i) dst[i] = f16_to_f32(in[i]);
-      return;
-    }
+void convert(const void* src, DType from, void* dst, DType to, size_t count) {
+  if (from == to) {
+    memcpy(dst, src, count * dtype_size(from));
+    return;
+  }
+#pragma omp parallel for schedule(static) if (count > (size_t{1} << 20))
+  for (size_t i = 0; i < count; ++i) {
+    store_float(dst, to, i, load_float(src, from, i));
   }
 }
 

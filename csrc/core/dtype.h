@@ -67,7 +67,46 @@ MC_HD inline float f16_to_f32(uint16_t half) {
   return value;
 }
 
-// Converts `count` elements of `dtype` at `src` to float32 at `dst`.
-void convert_to_f32(const void* src, DType dtype, size_t count, float* dst);
+// Round to nearest even, like torch's float -> half conversion (overflow to Inf, NaN kept).
+MC_HD inline uint16_t f32_to_f16(float value) {
+  uint32_t bits;
+  memcpy(&bits, &value, 4);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t abs = bits & 0x7fffffffu;
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u); // rounds to >= 65520: Inf
+  if (abs < 0x38800000u) {
+    // Subnormal half (or zero): value / 2^-24 rounded to nearest even, done in float arithmetic.
+    float magnitude;
+    memcpy(&magnitude, &abs, 4);
+    const float scaled = magnitude * 16777216.0f;  // exact: a power of two
+    uint32_t q = static_cast<uint32_t>(scaled);
+    const float rest = scaled - static_cast<float>(q);
+    if (rest > 0.5f || (rest == 0.5f && (q & 1u))) ++q;
+    return static_cast<uint16_t>(sign | q);
+  }
+  const uint32_t rounded = abs + 0xfffu + ((abs >> 13) & 1u);
+  return static_cast<uint16_t>(sign | ((rounded - 0x38000000u) >> 13));
+}
+
+// Element i of an array of `dtype`, as float32; and the reverse (rounded to nearest even).
+inline float load_float(const void* src, DType dtype, size_t i) {
+  switch (dtype) {
+    case DType::kF32: return static_cast<const float*>(src)[i];
+    case DType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(src)[i]);
+    case DType::kF16: return f16_to_f32(static_cast<const uint16_t*>(src)[i]);
+  }
+  return 0.0f;
+}
+inline void store_float(void* dst, DType dtype, size_t i, float value) {
+  switch (dtype) {
+    case DType::kF32: static_cast<float*>(dst)[i] = value; return;
+    case DType::kBF16: static_cast<uint16_t*>(dst)[i] = f32_to_bf16(value); return;
+    case DType::kF16: static_cast<uint16_t*>(dst)[i] = f32_to_f16(value); return;
+  }
+}
+
+// Converts `count` elements of `from` at `src` to `to` at `dst` (any of the float dtypes).
+void convert(const void* src, DType from, void* dst, DType to, size_t count);
 
 }  // namespace mc

@@ -57,6 +57,21 @@ struct KvLayout {
   }
 };
 
+// Where the K/V row of position `pos` lives for a query of an entry whose cached prefix ends at
+// `start` and whose new tokens start at step row `first_token`: positions >= start are this
+// step's own (fresh: row of k_new/v_new [T, KVH, Dh]), older ones are cached (row of the pool
+// viewed as [num_blocks * block_size, KVH, Dh]). Worked example: start=10, first_token=3,
+// pos=12 -> fresh row 5; pos=4 with block_size 4 -> pool row table[1] * 4 + 0.
+struct KvRow {
+  bool fresh;
+  int64_t row;
+};
+MC_HD inline KvRow kv_row(const KvLayout& layout, const int32_t* table, int64_t start, int64_t first_token,
+                          int64_t pos) {
+  if (pos >= start) return {true, first_token + (pos - start)};
+  return {false, layout.pool_row(table, pos)};
+}
+
 // GQA: query head h reads key/value head h / (n_heads / n_kv_heads).
 MC_HD inline int32_t kv_head_of(int32_t q_head, int32_t n_heads, int32_t n_kv_heads) {
   return q_head / (n_heads / n_kv_heads);

@@ -1,60 +1,207 @@
-// Plain parameter structs of the ops that more than one backend implements, and the scalar
-// helpers they share. Shapes use: T = tokens in the step, H = query heads, KVH = key/value
-// heads, Dh = head_dim, E = experts, K = experts per token.
+// Plain parameter structs of the backend ops (core/backend.h) and the scalar helpers both
+// backends share. Shapes use: T = tokens in the step, H = query heads, KVH = key/value heads,
+// Dh = head_dim, D = dim, F = FFN width, E = experts, K = experts per token, R = rows whose
+// logits are computed. "act" = the activation dtype of the backend (float32 on the CPU,
+// bfloat16 or float16 on CUDA), named by each struct's `dtype`; the residual stream is float32
+// on every backend.
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
+#include "core/dtype.h"
 #include "core/hd.h"
 #include "core/kv_layout.h"
+#include "core/weight.h"
 
 namespace mc {
 
-// Attention of a step's new tokens over each sequence's cached prefix plus the step's own keys.
-// Keys of positions >= start_pos[e] come from k_new/v_new (this step's activations), older ones
-// from the pools: so a chunk is attended before any of it is written to a rolling buffer.
-// T is the element type: float on the CPU, __nv_bfloat16 or __half on the GPU.
-template <typename T>
-struct AttentionParamsT {
-  const T* q;                   // [T, H, Dh], RoPE applied
-  const T* k_new;               // [T, KVH, Dh], RoPE applied
-  const T* v_new;               // [T, KVH, Dh]
-  const T* k_pool;              // [num_blocks, block_size, KVH, Dh]
-  const T* v_pool;              // [num_blocks, block_size, KVH, Dh]
-  const int32_t* block_tables;  // [n_entries, max_blocks], -1 = unallocated
-  const int32_t* cu_seqlens;    // [n_entries + 1] token offsets of each entry
-  const int64_t* start_pos;     // [n_entries] cached length before this step
-  T* out;                       // [T, H, Dh]
+// The step's view of the paged KV cache, built once per step by the runtime and shared by
+// attention and KV append (like FlashInfer's paged_kv_t). Entry e owns token rows
+// cu_seqlens[e] .. cu_seqlens[e + 1] of the step. The runtime orders decode entries (one new
+// token) first, so entries [0, n_decode) hold token rows [0, n_decode) and go to a decode
+// kernel, the rest to a prefill kernel.
+struct PagedKvView {
+  const int32_t* block_tables = nullptr;  // [n_entries, max_blocks], -1 = unallocated
+  const int32_t* cu_seqlens = nullptr;    // [n_entries + 1] token offsets of each entry
+  const int64_t* start_pos = nullptr;     // [n_entries] cached length before this step
   int32_t n_entries = 0;
   int32_t max_blocks = 0;
+  KvLayout layout;
+  // Bounds the host knows without reading device memory, for kernel planning.
+  int32_t n_tokens = 0;               // cu_seqlens[n_entries]
+  int32_t n_decode = 0;               // leading entries with exactly one token
+  int64_t decode_max_context = 0;     // most keys a decode query sees
+  int32_t prefill_max_query_len = 0;  // longest chunk among the other entries
+  int64_t prefill_max_context = 0;    // most keys any of their queries sees
+
+  // Entries [first, first + count) as a view of their own (same token rows, same pools).
+  PagedKvView entries(int32_t first, int32_t count) const {
+    PagedKvView view = *this;
+    view.block_tables = block_tables + static_cast<int64_t>(first) * max_blocks;
+    view.cu_seqlens = cu_seqlens + first;
+    view.start_pos = start_pos + first;
+    view.n_entries = count;
+    return view;
+  }
+};
+
+// Attention of a step's new tokens over each sequence's cached prefix plus the step's own keys.
+// Keys of positions >= start_pos[e] come from k_new/v_new (this step's activations), older ones
+// from the pools (kv_row() in kv_layout.h): so a chunk is attended before any of it is written
+// to a rolling buffer. T is the element type (float on the CPU, bf16/f16 on CUDA; void when
+// erased).
+template <typename T>
+struct AttentionParamsT {
+  const T* q = nullptr;       // [T, H, Dh], RoPE applied
+  const T* k_new = nullptr;   // [T, KVH, Dh], RoPE applied
+  const T* v_new = nullptr;   // [T, KVH, Dh]
+  const T* k_pool = nullptr;  // [num_blocks, block_size, KVH, Dh]
+  const T* v_pool = nullptr;  // [num_blocks, block_size, KVH, Dh]
+  T* out = nullptr;           // [T, H, Dh]
+  PagedKvView kv;
   int32_t n_heads = 0;
   int32_t n_kv_heads = 0;
   int32_t head_dim = 0;
   float scale = 1.0f;  // 1 / sqrt(Dh)
-  KvLayout layout;
 };
-using AttentionParams = AttentionParamsT<float>;
+
+// The attention op: element type erased (named by dtype), plus the bounds of the entries the
+// kernel will see (the whole step, or its decode or prefill part) and its scratch.
+struct AttentionParams {
+  AttentionParamsT<void> tensors;
+  DType dtype = DType::kF32;
+  int32_t n_tokens = 0;       // token rows these entries cover (decode part: rows 0 .. n_tokens-1)
+  int32_t max_query_len = 0;  // largest entry token count (1 = pure decode)
+  int64_t max_context = 0;    // most keys any query sees
+  void* workspace = nullptr;  // backend scratch of Backend::attention_workspace_bytes(bounds)
+};
+
+// The erased tensors with their element type restored (each backend's kernels are typed).
+template <typename T>
+AttentionParamsT<T> typed(const AttentionParamsT<void>& t) {
+  AttentionParamsT<T> out;
+  out.q = static_cast<const T*>(t.q);
+  out.k_new = static_cast<const T*>(t.k_new);
+  out.v_new = static_cast<const T*>(t.v_new);
+  out.k_pool = static_cast<const T*>(t.k_pool);
+  out.v_pool = static_cast<const T*>(t.v_pool);
+  out.out = static_cast<T*>(t.out);
+  out.kv = t.kv;
+  out.n_heads = t.n_heads;
+  out.n_kv_heads = t.n_kv_heads;
+  out.head_dim = t.head_dim;
+  out.scale = t.scale;
+  return out;
+}
 
 // Writes each entry's new K/V rows into the pools at the slots the layout gives, keeping only
 // positions >= layout.first_kept(start, end): the last W under a sliding window, all otherwise.
 template <typename T>
 struct KvAppendParamsT {
-  const T* k;                   // [T, KVH, Dh]
-  const T* v;                   // [T, KVH, Dh]
-  T* k_pool;                    // [num_blocks, block_size, KVH, Dh]
-  T* v_pool;
-  const int32_t* block_tables;  // [n_entries, max_blocks]
-  const int32_t* cu_seqlens;    // [n_entries + 1]
-  const int64_t* start_pos;     // [n_entries]
-  int32_t n_entries = 0;
-  int32_t max_blocks = 0;
+  const T* k = nullptr;  // [T, KVH, Dh]
+  const T* v = nullptr;  // [T, KVH, Dh]
+  T* k_pool = nullptr;   // [num_blocks, block_size, KVH, Dh]
+  T* v_pool = nullptr;
+  PagedKvView kv;
   int32_t n_kv_heads = 0;
   int32_t head_dim = 0;
-  KvLayout layout;
 };
-using KvAppendParams = KvAppendParamsT<float>;
+struct KvAppendParams {
+  KvAppendParamsT<void> tensors;
+  DType dtype = DType::kF32;
+};
+
+template <typename T>
+KvAppendParamsT<T> typed(const KvAppendParamsT<void>& t) {
+  KvAppendParamsT<T> out;
+  out.k = static_cast<const T*>(t.k);
+  out.v = static_cast<const T*>(t.v);
+  out.k_pool = static_cast<T*>(t.k_pool);
+  out.v_pool = static_cast<T*>(t.v_pool);
+  out.kv = t.kv;
+  out.n_kv_heads = t.n_kv_heads;
+  out.head_dim = t.head_dim;
+  return out;
+}
+
+// out[t, :] (f32) = table[ids[t], :], any float format. Starts the f32 residual stream.
+struct EmbeddingParams {
+  WeightRef table;               // [V, D]
+  const int32_t* ids = nullptr;  // [T]
+  float* out = nullptr;          // [T, D] f32
+  int64_t n_tokens = 0;
+};
+
+// RMSNorm fused with the residual add, statistics in f32 (double on the CPU):
+//   if delta:  residual[t] += delta[t]            (every row t < n_tokens, in place)
+//   out[r] = residual[row_r] / sqrt(mean(residual[row_r]^2) + eps) * weight,
+//   row_r = rows ? rows[r] : r, for r < n_rows  (rows picks the LM-head rows)
+struct RmsNormParams {
+  float* residual = nullptr;      // [T, D] f32, updated in place when delta is set
+  const void* delta = nullptr;    // [T, D] act, or null
+  const void* weight = nullptr;   // [D] act
+  void* out = nullptr;            // [n_rows, D] act
+  const int32_t* rows = nullptr;  // [n_rows] or null (= identity, n_rows == n_tokens)
+  int64_t n_tokens = 0;
+  int64_t n_rows = 0;
+  int64_t dim = 0;
+  float eps = 1e-5f;
+  DType dtype = DType::kF32;
+};
+
+// y[T, N] = x[T, K] · w[N, K]ᵀ (the nn.Linear convention), accumulated in f32.
+struct LinearParams {
+  const void* x = nullptr;  // [T, K] act
+  WeightRef w;              // [N, K], any format the backend supports
+  void* y = nullptr;        // [T, N] in y_dtype (act, or f32 for logits)
+  int64_t n_tokens = 0;
+  DType x_dtype = DType::kF32;
+  DType y_dtype = DType::kF32;
+};
+
+// The fused q|k|v projection's output split into q, k and v, with half-rotation RoPE applied to
+// q and k: pair (i, i + Dh/2) of token t turns by angle = float(positions[t]) * inv_freq[i] (an
+// f32 product, as the reference implementations compute it), cos/sin taken in double.
+struct QkvRopeParams {
+  const void* qkv = nullptr;  // [T, (H + 2 KVH) * Dh] act: q columns, then k, then v
+  void* q = nullptr;          // [T, H, Dh] act
+  void* k = nullptr;          // [T, KVH, Dh] act
+  void* v = nullptr;          // [T, KVH, Dh] act
+  const int64_t* positions = nullptr;  // [T]
+  const float* inv_freq = nullptr;     // [Dh / 2]
+  int64_t n_tokens = 0;
+  int32_t n_heads = 0;
+  int32_t n_kv_heads = 0;
+  int32_t head_dim = 0;
+  DType dtype = DType::kF32;
+};
+
+// out[t, i] = silu(gate_up[t, i]) * gate_up[t, F + i]: the fused w1|w3 projection's halves.
+struct SiluMulParams {
+  const void* gate_up = nullptr;  // [T, 2F] act
+  void* out = nullptr;            // [T, F] act
+  int64_t n_tokens = 0;
+  int64_t hidden = 0;             // F
+  DType dtype = DType::kF32;
+};
+
+// Mixtral's sparse MoE FFN, added into the residual stream:
+//   residual[t] += Σ_k weight[t, k] · w2_e(silu(w1_e x_t) * w3_e x_t),  e = expert_ids[t, k]
+// with route_top_k's routing over router logits x · routerᵀ.
+struct MoeParams {
+  const void* x = nullptr;   // [T, D] act: the normed hidden state
+  WeightRef router;          // [E, D]
+  WeightRef w13;             // [E, 2F, D]: rows 0..F-1 = w1, F..2F-1 = w3 of each expert
+  WeightRef w2;              // [E, D, F]
+  float* residual = nullptr; // [T, D] f32
+  int64_t n_tokens = 0;
+  int32_t top_k = 0;
+  DType dtype = DType::kF32;
+  void* workspace = nullptr; // backend scratch of Backend::moe_workspace_bytes(bounds)
+};
 
 // RoPE frequencies inv_freq[i] = theta^(-2i/Dh), i < Dh/2, in float32 as the reference
 // implementations compute them: every backend and test takes them from here.

@@ -56,8 +56,11 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
          " bytes is too small to hold a safetensors header (truncated?)");
   }
   void* mapping = mmap(nullptr, file->file_size_, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
-  if (mapping == MAP_FAILED) fail(ErrorKind::kCheckpoint, "cannot mmap ", path, ": ", std::strerror(errno));
+  if (mapping == MAP_FAILED) {
+    ::close(fd);
+    fail(ErrorKind::kCheckpoint, "cannot mmap ", path, ": ", std::strerror(errno));
+  }
+  file->fd_ = fd;  // kept for read_into(): copies never touch (and never make resident) the mapping
   file->mapping_ = mapping;
   file->parse_header();
   return file;
@@ -65,6 +68,7 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
 
 SafetensorsFile::~SafetensorsFile() {
   if (mapping_ != nullptr) munmap(mapping_, file_size_);
+  if (fd_ >= 0) ::close(fd_);
 }
 
 void SafetensorsFile::parse_header() {
@@ -153,6 +157,20 @@ Tensor SafetensorsFile::view(const SafetensorsEntry& entry) {
   Tensor tensor = Tensor::view(const_cast<void*>(data(entry)), *entry.dtype, entry.shape);
   tensor.storage = shared_from_this();
   return tensor;
+}
+
+void SafetensorsFile::read_into(const SafetensorsEntry& entry, void* dst) const {
+  auto* out = static_cast<uint8_t*>(dst);
+  size_t done = 0;
+  const auto file_offset = static_cast<off_t>((data_ - static_cast<const uint8_t*>(mapping_)) + entry.offset);
+  while (done < entry.nbytes) {
+    ssize_t got = ::pread(fd_, out + done, entry.nbytes - done, file_offset + static_cast<off_t>(done));
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0)
+      fail(ErrorKind::kCheckpoint, path_, ": reading tensor '", entry.name, "' failed",
+           got < 0 ? std::string(": ") + std::strerror(errno) : std::string(" (file truncated while loading?)"));
+    done += static_cast<size_t>(got);
+  }
 }
 
 }  // namespace mc

@@ -41,6 +41,9 @@ class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
   const void* data(const SafetensorsEntry& entry) const { return data_ + entry.offset; }
   // A zero-copy view of a float tensor that keeps the mapping alive.
   Tensor view(const SafetensorsEntry& entry);
+  // Copies the tensor's bytes to dst (entry.nbytes) with pread, not through the mapping, so the
+  // copied tensor's file pages never count in this process's resident memory.
+  void read_into(const SafetensorsEntry& entry, void* dst) const;
 
  private:
   SafetensorsFile() = default;
@@ -48,6 +51,7 @@ class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
 
   std::string path_;
   void* mapping_ = nullptr;
+  int fd_ = -1;
   size_t file_size_ = 0;
   const uint8_t* data_ = nullptr;  // start of the data section
   size_t data_size_ = 0;

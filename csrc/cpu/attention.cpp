@@ -17,18 +17,19 @@ float dot(const float* a, const float* b, int32_t n) {
 
 }  // namespace
 
-void paged_attention(const AttentionParams& p) {
-  const int32_t total_tokens = p.cu_seqlens[p.n_entries];
+void paged_attention(const AttentionParamsT<float>& p) {
+  const PagedKvView& kv = p.kv;
+  const int32_t total_tokens = kv.cu_seqlens[kv.n_entries];
   const int32_t group = p.n_heads / p.n_kv_heads;
   const int32_t dh = p.head_dim;
   const int64_t kv_stride = static_cast<int64_t>(p.n_kv_heads) * dh;  // one token's K row
 
   // Multiply-adds of the step, to skip the thread team when it would cost more than it saves.
   int64_t work = 0;
-  for (int32_t e = 0; e < p.n_entries; ++e) {
-    const int64_t tokens = p.cu_seqlens[e + 1] - p.cu_seqlens[e];
-    const int64_t end = p.start_pos[e] + tokens;
-    work += tokens * (p.layout.window > 0 && p.layout.window < end ? p.layout.window : end);
+  for (int32_t e = 0; e < kv.n_entries; ++e) {
+    const int64_t tokens = kv.cu_seqlens[e + 1] - kv.cu_seqlens[e];
+    const int64_t end = kv.start_pos[e] + tokens;
+    work += tokens * (kv.layout.window > 0 && kv.layout.window < end ? kv.layout.window : end);
   }
   work *= static_cast<int64_t>(p.n_heads) * dh * 2;
 
@@ -41,19 +42,18 @@ void paged_attention(const AttentionParams& p) {
       const int32_t token = static_cast<int32_t>(item / p.n_kv_heads);
       const int32_t kv_head = static_cast<int32_t>(item % p.n_kv_heads);
       const int32_t entry = static_cast<int32_t>(
-          std::upper_bound(p.cu_seqlens, p.cu_seqlens + p.n_entries + 1, token) - p.cu_seqlens - 1);
-      const int64_t start = p.start_pos[entry];
-      const int64_t q_pos = start + (token - p.cu_seqlens[entry]);
-      const int64_t first = p.layout.first_visible(q_pos);
+          std::upper_bound(kv.cu_seqlens, kv.cu_seqlens + kv.n_entries + 1, token) - kv.cu_seqlens - 1);
+      const int64_t start = kv.start_pos[entry];
+      const int64_t q_pos = start + (token - kv.cu_seqlens[entry]);
+      const int64_t first = kv.layout.first_visible(q_pos);
       const int64_t n_keys = q_pos - first + 1;
-      const int32_t* table = p.block_tables + static_cast<int64_t>(entry) * p.max_blocks;
-      const int64_t entry_row0 = p.cu_seqlens[entry];
+      const int32_t* table = kv.block_tables + static_cast<int64_t>(entry) * kv.max_blocks;
+      const int64_t entry_row0 = kv.cu_seqlens[entry];
 
       // Key/value row of position `pos`: this step's activations, or the cache for the prefix.
       auto row_of = [&](const float* fresh, const float* pool, int64_t pos) {
-        const float* base = pos >= start ? fresh + (entry_row0 + (pos - start)) * kv_stride
-                                         : pool + p.layout.pool_row(table, pos) * kv_stride;
-        return base + static_cast<int64_t>(kv_head) * dh;
+        const KvRow where = kv_row(kv.layout, table, start, entry_row0, pos);
+        return (where.fresh ? fresh : pool) + where.row * kv_stride + static_cast<int64_t>(kv_head) * dh;
       };
 
       scores.assign(static_cast<size_t>(group) * n_keys, 0.0f);
@@ -87,15 +87,16 @@ void paged_attention(const AttentionParams& p) {
   }
 }
 
-void kv_append(const KvAppendParams& p) {
+void kv_append(const KvAppendParamsT<float>& p) {
+  const PagedKvView& kv = p.kv;
   const int64_t kv_dim = static_cast<int64_t>(p.n_kv_heads) * p.head_dim;
-  for (int32_t e = 0; e < p.n_entries; ++e) {
-    const int64_t start = p.start_pos[e];
-    const int64_t end = start + (p.cu_seqlens[e + 1] - p.cu_seqlens[e]);
-    const int32_t* table = p.block_tables + static_cast<int64_t>(e) * p.max_blocks;
-    for (int64_t pos = p.layout.first_kept(start, end); pos < end; ++pos) {
-      const int64_t src = (p.cu_seqlens[e] + (pos - start)) * kv_dim;
-      const int64_t dst = p.layout.pool_row(table, pos) * kv_dim;
+  for (int32_t e = 0; e < kv.n_entries; ++e) {
+    const int64_t start = kv.start_pos[e];
+    const int64_t end = start + (kv.cu_seqlens[e + 1] - kv.cu_seqlens[e]);
+    const int32_t* table = kv.block_tables + static_cast<int64_t>(e) * kv.max_blocks;
+    for (int64_t pos = kv.layout.first_kept(start, end); pos < end; ++pos) {
+      const int64_t src = (kv.cu_seqlens[e] + (pos - start)) * kv_dim;
+      const int64_t dst = kv.layout.pool_row(table, pos) * kv_dim;
       std::memcpy(p.k_pool + dst, p.k + src, kv_dim * sizeof(float));
       std::memcpy(p.v_pool + dst, p.v + src, kv_dim * sizeof(float));
     }

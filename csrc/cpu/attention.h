@@ -6,9 +6,9 @@
 
 namespace mc::cpu {
 
-void paged_attention(const AttentionParams& p);
+void paged_attention(const AttentionParamsT<float>& p);
 
 // Appends a step's K/V to the pools (after paged_attention has read the prefix).
-void kv_append(const KvAppendParams& p);
+void kv_append(const KvAppendParamsT<float>& p);
 
 }  // namespace mc::cpu

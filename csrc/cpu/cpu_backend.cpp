@@ -1,108 +1,114 @@
 #include "cpu/cpu_backend.h"
 
-#include <cmath>
+#include <cstdlib>
 #include <cstring>
 
-#include "core/op_params.h"
+#include "core/error.h"
 #include "cpu/attention.h"
 #include "cpu/dense_ops.h"
 #include "cpu/moe.h"
 
 namespace mc::cpu {
+namespace {
 
-CpuBackend::CpuBackend(const ModelConfig& config, ModelWeights weights, KvLayout layout, int64_t num_blocks)
-    : config_(config), weights_(std::move(weights)), layout_(layout) {
-  for (int64_t l = 0; l < config.n_layers; ++l) {
-    k_pools_.push_back(Tensor::empty(DType::kF32, {num_blocks, layout.block_size, config.n_kv_heads, config.head_dim}));
-    v_pools_.push_back(Tensor::empty(DType::kF32, {num_blocks, layout.block_size, config.n_kv_heads, config.head_dim}));
+void require_f32(DType dtype, const char* op) {
+  if (dtype != DType::kF32)
+    fail(ErrorKind::kInvalidRequest, "CPU ", op, ": activations must be float32, got ", dtype_name(dtype));
+}
+
+// `tensor` as `dtype`: itself when it already is, else a converted copy.
+Tensor converted(const Tensor& tensor, DType dtype) {
+  if (!tensor.defined() || tensor.dtype == dtype) return tensor;
+  Tensor out = Tensor::empty(dtype, tensor.shape);
+  convert(tensor.data, tensor.dtype, out.data, dtype, static_cast<size_t>(tensor.numel()));
+  return out;
+}
+
+// Matrices as `dtype` (unset: as they are), norm weights as float32 (the activation dtype).
+ModelWeights place(const ModelConfig& config, ModelWeights w, std::optional<DType> dtype) {
+  auto matrix = [&](Tensor& t) {
+    if (dtype) t = converted(t, *dtype);
+  };
+  matrix(w.tok_embeddings);
+  w.norm = converted(w.norm, DType::kF32);
+  for (LayerWeights& layer : w.layers) {
+    layer.attn_norm = converted(layer.attn_norm, DType::kF32);
+    layer.ffn_norm = converted(layer.ffn_norm, DType::kF32);
+    for (Tensor* t : {&layer.wqkv, &layer.wo, &layer.w13, &layer.w2, &layer.router}) matrix(*t);
   }
-  inv_freq_ = rope_inv_freq(config.head_dim, config.rope_theta);
+  if (config.tie_embeddings) {
+    w.output = w.tok_embeddings;
+  } else {
+    matrix(w.output);
+  }
+  return w;
 }
 
-void CpuBackend::forward(const StepBatch& batch, float* logits) {
-  const int64_t T = batch.n_tokens(), D = config_.dim, F = config_.hidden_dim;
-  const int64_t half = config_.head_dim / 2;
-  rope_cos_.resize(T * half);
-  rope_sin_.resize(T * half);
-  rope_tables(batch.positions.data(), inv_freq_.data(), T, half, rope_cos_.data(), rope_sin_.data());
+class CpuBackend : public Backend {
+ public:
+  const char* name() const override { return "cpu"; }
+  DType activation_dtype(DType) const override { return DType::kF32; }
 
-  std::vector<float> x(T * D);  // [T, D] residual stream
-  embedding(weights_.tok_embeddings.f32(), batch.tokens.data(), x.data(), T, D);
-  std::vector<float> h(T * D), ffn_out(T * D);
-  std::vector<float> gate, up;
-  for (int64_t l = 0; l < config_.n_layers; ++l) {
-    const LayerWeights& layer = weights_.layers[l];
-    attention_block(layer, l, batch, x.data());
+  std::shared_ptr<void> allocate(size_t bytes) override {
+    // calloc takes large blocks straight from fresh zeroed pages: workspace and KV-pool pages
+    // that no step touches cost no resident memory.
+    void* memory = std::calloc(bytes == 0 ? 1 : bytes, 1);
+    if (memory == nullptr) fail(ErrorKind::kOutOfMemory, "out of host memory allocating ", bytes, " bytes");
+    return std::shared_ptr<void>(memory, std::free);
+  }
+  std::shared_ptr<void> allocate_host(size_t bytes) override { return allocate(bytes); }
+  void copy_to_device(void* device, const void* host, size_t bytes) override { std::memcpy(device, host, bytes); }
+  void copy_to_host(void* host, const void* device, size_t bytes) override { std::memcpy(host, device, bytes); }
+  void synchronize() override {}
 
-    rms_norm(x.data(), layer.ffn_norm.f32(), h.data(), T, D, static_cast<float>(config_.norm_eps));
-    if (config_.is_moe()) {
-      moe_ffn(h.data(), layer, config_, T, ffn_out.data());
-    } else {
-      gate.resize(T * F);
-      up.resize(T * F);
-      matmul(h.data(), layer.ffn.w1.f32(), gate.data(), T, F, D);
-      matmul(h.data(), layer.ffn.w3.f32(), up.data(), T, F, D);
-      silu_mul(gate.data(), up.data(), gate.data(), T * F);
-      matmul(gate.data(), layer.ffn.w2.f32(), ffn_out.data(), T, D, F);
-    }
-    add_inplace(x.data(), ffn_out.data(), T * D);
+  ModelWeights place_weights(const ModelConfig& config, ModelWeights host, std::optional<DType> dtype,
+                             const ProgressFn&) override {
+    return place(config, std::move(host), dtype);
+  }
+  ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype) override {
+    return place(config, mc::random_weights(config, seed, dtype), std::nullopt);
   }
 
-  // Final norm and LM head only for the rows whose logits were asked for.
-  const int64_t R = static_cast<int64_t>(batch.logit_rows.size());
-  std::vector<float> rows(R * D);
-  for (int64_t r = 0; r < R; ++r) std::memcpy(&rows[r * D], &x[batch.logit_rows[r] * D], D * sizeof(float));
-  rms_norm(rows.data(), weights_.norm.f32(), rows.data(), R, D, static_cast<float>(config_.norm_eps));
-  matmul(rows.data(), weights_.output.f32(), logits, R, config_.vocab_size, D);
-}
+  size_t attention_workspace_bytes(const ModelConfig&, const StepLimits&, DType) override { return 0; }
+  size_t moe_workspace_bytes(const ModelConfig& c, const StepLimits& limits, DType) override {
+    if (!c.is_moe()) return 0;
+    return cpu::moe_workspace_bytes(limits.max_tokens, c.n_experts, c.n_experts_per_tok, c.dim, c.hidden_dim);
+  }
 
-void CpuBackend::attention_block(const LayerWeights& layer, int64_t layer_index, const StepBatch& batch, float* x) {
-  const int64_t T = batch.n_tokens(), D = config_.dim;
-  const int64_t q_dim = config_.q_dim(), kv_dim = config_.kv_dim();
-  std::vector<float> h(T * D), q(T * q_dim), k(T * kv_dim), v(T * kv_dim), attn(T * q_dim), o(T * D);
-  rms_norm(x, layer.attn_norm.f32(), h.data(), T, D, static_cast<float>(config_.norm_eps));
-  matmul(h.data(), layer.wq.f32(), q.data(), T, q_dim, D);
-  matmul(h.data(), layer.wk.f32(), k.data(), T, kv_dim, D);
-  matmul(h.data(), layer.wv.f32(), v.data(), T, kv_dim, D);
-  rope(q.data(), rope_cos_.data(), rope_sin_.data(), T, config_.n_heads, config_.head_dim);
-  rope(k.data(), rope_cos_.data(), rope_sin_.data(), T, config_.n_kv_heads, config_.head_dim);
+  void embedding(const EmbeddingParams& p) override { cpu::embedding(p); }
+  void rms_norm(const RmsNormParams& p) override {
+    require_f32(p.dtype, "rms_norm");
+    cpu::rms_norm(p);
+  }
+  void linear(const LinearParams& p) override {
+    require_f32(p.x_dtype, "linear");
+    require_f32(p.y_dtype, "linear");
+    cpu::linear(static_cast<const float*>(p.x), p.w, static_cast<float*>(p.y), p.n_tokens);
+  }
+  void qkv_rope(const QkvRopeParams& p) override {
+    require_f32(p.dtype, "qkv_rope");
+    cpu::qkv_rope(p);
+  }
+  void attention(const AttentionParams& p) override {
+    require_f32(p.dtype, "attention");
+    paged_attention(typed<float>(p.tensors));
+  }
+  void kv_append(const KvAppendParams& p) override {
+    require_f32(p.dtype, "kv_append");
+    cpu::kv_append(typed<float>(p.tensors));
+  }
+  void silu_mul(const SiluMulParams& p) override {
+    require_f32(p.dtype, "silu_mul");
+    cpu::silu_mul(p);
+  }
+  void moe(const MoeParams& p) override {
+    require_f32(p.dtype, "moe");
+    cpu::moe(p);
+  }
+};
 
-  AttentionParams params;
-  params.q = q.data();
-  params.k_new = k.data();
-  params.v_new = v.data();
-  params.k_pool = k_pools_[layer_index].f32();
-  params.v_pool = v_pools_[layer_index].f32();
-  params.block_tables = batch.block_tables.data();
-  params.cu_seqlens = batch.cu_seqlens.data();
-  params.start_pos = batch.start_pos.data();
-  params.out = attn.data();
-  params.n_entries = batch.n_entries();
-  params.max_blocks = batch.max_blocks;
-  params.n_heads = static_cast<int32_t>(config_.n_heads);
-  params.n_kv_heads = static_cast<int32_t>(config_.n_kv_heads);
-  params.head_dim = static_cast<int32_t>(config_.head_dim);
-  params.scale = attention_scale(config_.head_dim);
-  params.layout = layout_;
-  paged_attention(params);
+}  // namespace
 
-  // The chunk has been attended: only now may its K/V enter the (possibly rolling) cache.
-  KvAppendParams append;
-  append.k = k.data();
-  append.v = v.data();
-  append.k_pool = k_pools_[layer_index].f32();
-  append.v_pool = v_pools_[layer_index].f32();
-  append.block_tables = batch.block_tables.data();
-  append.cu_seqlens = batch.cu_seqlens.data();
-  append.start_pos = batch.start_pos.data();
-  append.n_entries = batch.n_entries();
-  append.max_blocks = batch.max_blocks;
-  append.n_kv_heads = params.n_kv_heads;
-  append.head_dim = params.head_dim;
-  append.layout = layout_;
-  kv_append(append);
-  matmul(attn.data(), layer.wo.f32(), o.data(), T, D, q_dim);
-  add_inplace(x, o.data(), T * D);
-}
+std::unique_ptr<Backend> make_backend() { return std::make_unique<CpuBackend>(); }
 
 }  // namespace mc::cpu

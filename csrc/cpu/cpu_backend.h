@@ -1,32 +1,14 @@
-// The CPU backend: float32 reference of the whole forward pass.
+// The CPU backend: the reference implementation of every op. Activations and the KV cache are
+// float32; weights stay in their stored format (float32, bfloat16 or float16) and are widened
+// in registers, so a bf16 checkpoint takes its own size in memory, not twice that.
 #pragma once
 
-#include <vector>
+#include <memory>
 
 #include "core/backend.h"
-#include "core/checkpoint.h"
-#include "core/config.h"
-#include "core/kv_layout.h"
-#include "core/tensor.h"
 
 namespace mc::cpu {
 
-class CpuBackend : public Backend {
- public:
-  CpuBackend(const ModelConfig& config, ModelWeights weights, KvLayout layout, int64_t num_blocks);
-  void forward(const StepBatch& batch, float* logits) override;
-
- private:
-  void attention_block(const LayerWeights& layer, int64_t layer_index, const StepBatch& batch, float* x);
-
-  ModelConfig config_;
-  ModelWeights weights_;
-  KvLayout layout_;
-  std::vector<Tensor> k_pools_;  // per layer [num_blocks, block_size, n_kv_heads, head_dim]
-  std::vector<Tensor> v_pools_;
-  std::vector<float> inv_freq_;  // [head_dim / 2]
-  // Per-step scratch, [T, ...]
-  std::vector<float> rope_cos_, rope_sin_;
-};
+std::unique_ptr<Backend> make_backend();
 
 }  // namespace mc::cpu

@@ -2,6 +2,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <vector>
+
+#include "core/error.h"
 
 namespace mc::cpu {
 namespace {
@@ -12,12 +15,44 @@ constexpr int kLanes = 16;
 constexpr int kLanes = 8;
 #endif
 using Vec = float __attribute__((vector_size(kLanes * sizeof(float))));
+using U16Vec = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+using U32Vec = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+using HalfVec = _Float16 __attribute__((vector_size(kLanes * sizeof(_Float16))));
 
-inline Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(Vec));
-  return v;
-}
+// kLanes weights widened to float32 (the compiler emits vpmovzxwd + shift for bf16, vcvtph2ps
+// for f16): so a bf16 or f16 matrix streams half the bytes of an f32 one.
+struct F32 {
+  using Elem = float;
+  static Vec load(const float* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof(Vec));
+    return v;
+  }
+  static float scalar(const float* p) { return *p; }
+};
+struct BF16 {
+  using Elem = uint16_t;
+  static Vec load(const uint16_t* p) {
+    U16Vec raw;
+    std::memcpy(&raw, p, sizeof(U16Vec));
+    U32Vec wide = __builtin_convertvector(raw, U32Vec) << 16;
+    Vec v;
+    std::memcpy(&v, &wide, sizeof(Vec));
+    return v;
+  }
+  static float scalar(const uint16_t* p) { return bf16_to_f32(*p); }
+};
+struct F16 {
+  using Elem = uint16_t;
+  static Vec load(const uint16_t* p) {
+    HalfVec raw;
+    std::memcpy(&raw, p, sizeof(HalfVec));
+    return __builtin_convertvector(raw, Vec);
+  }
+  static float scalar(const uint16_t* p) { return f16_to_f32(*p); }
+};
+
+inline Vec load(const float* p) { return F32::load(p); }
 
 inline float reduce(Vec v) {
   float sum = 0.0f;
@@ -27,29 +62,28 @@ inline float reduce(Vec v) {
 
 // Dot products of kRows weight rows with kTok token rows, sharing every load: weights are
 // streamed from memory once per kTok tokens, which is what bounds decode.
-template <int kRows, int kTok>
-inline void dot_tile(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t rows, int64_t toks) {
+template <typename W, int kRows, int kTok>
+inline void dot_tile(const float* x, const typename W::Elem* w, float* y, int64_t K, int64_t N) {
   Vec acc[kRows][kTok] = {};
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes) {
     Vec xv[kTok];
     for (int t = 0; t < kTok; ++t) xv[t] = load(x + t * K + k);
     for (int r = 0; r < kRows; ++r) {
-      Vec wv = load(w + r * K + k);
+      Vec wv = W::load(w + r * K + k);
       for (int t = 0; t < kTok; ++t) acc[r][t] += wv * xv[t];
     }
   }
-  for (int r = 0; r < kRows && r < rows; ++r)
-    for (int t = 0; t < kTok && t < toks; ++t) {
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < kTok; ++t) {
       float sum = reduce(acc[r][t]);
-      for (int64_t kk = k; kk < K; ++kk) sum += w[r * K + kk] * x[t * K + kk];
+      for (int64_t kk = k; kk < K; ++kk) sum += W::scalar(w + r * K + kk) * x[t * K + kk];
       y[t * N + r] = sum;
     }
 }
 
-}  // namespace
-
-void matmul(const float* x, const float* w, float* y, int64_t T, int64_t N, int64_t K) {
+template <typename W>
+void linear_as(const float* x, const typename W::Elem* w, float* y, int64_t T, int64_t N, int64_t K) {
   constexpr int kRows = 4;
   constexpr int kTok = 2;
   const int64_t row_blocks = (N + kRows - 1) / kRows;
@@ -63,66 +97,108 @@ void matmul(const float* x, const float* w, float* y, int64_t T, int64_t N, int6
     for (int64_t t = 0; t < T; t += kTok) {
       const int64_t toks = T - t < kTok ? T - t : kTok;
       if (rows == kRows && toks == kTok) {
-        dot_tile<kRows, kTok>(x + t * K, w + n * K, y + t * N + n, K, N, rows, toks);
+        dot_tile<W, kRows, kTok>(x + t * K, w + n * K, y + t * N + n, K, N);
+      } else if (rows == kRows) {
+        // The odd last token (every decode step at batch 1): four independent accumulators.
+        dot_tile<W, kRows, 1>(x + t * K, w + n * K, y + t * N + n, K, N);
       } else {
         // Edges: one row and one token at a time, reading only rows and tokens that exist.
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t tt = 0; tt < toks; ++tt)
-            dot_tile<1, 1>(x + (t + tt) * K, w + (n + r) * K, y + (t + tt) * N + n + r, K, N, 1, 1);
+            dot_tile<W, 1, 1>(x + (t + tt) * K, w + (n + r) * K, y + (t + tt) * N + n + r, K, N);
       }
     }
   }
 }
 
-void rms_norm(const float* x, const float* weight, float* y, int64_t T, int64_t D, float eps) {
-#pragma omp parallel for schedule(static) if (T * D >= (int64_t{1} << 17))
-  for (int64_t t = 0; t < T; ++t) {
-    const float* row = x + t * D;
+}  // namespace
+
+void linear(const float* x, const WeightRef& w, float* y, int64_t T) {
+  switch (w.format) {
+    case WeightFormat::kF32:
+      return linear_as<F32>(x, static_cast<const float*>(w.data), y, T, w.rows, w.cols);
+    case WeightFormat::kBF16:
+      return linear_as<BF16>(x, static_cast<const uint16_t*>(w.data), y, T, w.rows, w.cols);
+    case WeightFormat::kF16:
+      return linear_as<F16>(x, static_cast<const uint16_t*>(w.data), y, T, w.rows, w.cols);
+  }
+  fail(ErrorKind::kUnsupported, "CPU linear: unsupported weight format ", weight_format_name(w.format));
+}
+
+void rms_norm(const RmsNormParams& p) {
+  float* residual = p.residual;
+  const auto* delta = static_cast<const float*>(p.delta);
+  const auto* weight = static_cast<const float*>(p.weight);
+  auto* out = static_cast<float*>(p.out);
+  const int64_t D = p.dim;
+  if (delta != nullptr) {
+#pragma omp parallel for schedule(static) if (p.n_tokens * D >= (int64_t{1} << 17))
+    for (int64_t i = 0; i < p.n_tokens * D; ++i) residual[i] += delta[i];
+  }
+#pragma omp parallel for schedule(static) if (p.n_rows * D >= (int64_t{1} << 17))
+  for (int64_t r = 0; r < p.n_rows; ++r) {
+    const float* row = residual + (p.rows != nullptr ? p.rows[r] : r) * D;
     double sum_sq = 0.0;
     for (int64_t i = 0; i < D; ++i) sum_sq += static_cast<double>(row[i]) * row[i];
-    float inv_rms = static_cast<float>(1.0 / std::sqrt(sum_sq / static_cast<double>(D) + eps));
-    for (int64_t i = 0; i < D; ++i) y[t * D + i] = weight[i] * (row[i] * inv_rms);
+    const float inv_rms = static_cast<float>(1.0 / std::sqrt(sum_sq / static_cast<double>(D) + p.eps));
+    for (int64_t i = 0; i < D; ++i) out[r * D + i] = weight[i] * (row[i] * inv_rms);
   }
 }
 
-void rope_tables(const int64_t* positions, const float* inv_freq, int64_t T, int64_t half, float* cos, float* sin) {
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < half; ++i) {
-      float angle = static_cast<float>(positions[t]) * inv_freq[i];
-      cos[t * half + i] = static_cast<float>(std::cos(static_cast<double>(angle)));
-      sin[t * half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
-    }
-}
-
-void rope(float* x, const float* cos, const float* sin, int64_t T, int64_t heads, int64_t head_dim) {
-  const int64_t half = head_dim / 2;
-#pragma omp parallel for schedule(static) if (T * heads * head_dim >= (int64_t{1} << 17))
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t h = 0; h < heads; ++h) {
-      float* v = x + (t * heads + h) * head_dim;
+void qkv_rope(const QkvRopeParams& p) {
+  const int64_t Dh = p.head_dim, half = Dh / 2;
+  const int64_t q_dim = p.n_heads * Dh, kv_dim = p.n_kv_heads * Dh, row = q_dim + 2 * kv_dim;
+  const auto* qkv = static_cast<const float*>(p.qkv);
+  auto* q = static_cast<float*>(p.q);
+  auto* k = static_cast<float*>(p.k);
+  auto* v = static_cast<float*>(p.v);
+#pragma omp parallel if (p.n_tokens * row >= (int64_t{1} << 17))
+  {
+    std::vector<float> cos(half), sin(half);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < p.n_tokens; ++t) {
       for (int64_t i = 0; i < half; ++i) {
-        float c = cos[t * half + i], s = sin[t * half + i];
-        float a = v[i], b = v[i + half];
-        v[i] = a * c - b * s;
-        v[i + half] = b * c + a * s;
+        // An f32 angle like the reference implementations (long positions round the same way).
+        const float angle = static_cast<float>(p.positions[t]) * p.inv_freq[i];
+        cos[i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+        sin[i] = static_cast<float>(std::sin(static_cast<double>(angle)));
       }
+      const float* src = qkv + t * row;
+      auto rotate = [&](const float* in, float* out, int64_t heads) {
+        for (int64_t h = 0; h < heads; ++h)
+          for (int64_t i = 0; i < half; ++i) {
+            const float a = in[h * Dh + i], b = in[h * Dh + i + half];
+            out[h * Dh + i] = a * cos[i] - b * sin[i];
+            out[h * Dh + i + half] = b * cos[i] + a * sin[i];
+          }
+      };
+      rotate(src, q + t * q_dim, p.n_heads);
+      rotate(src + q_dim, k + t * kv_dim, p.n_kv_heads);
+      std::memcpy(v + t * kv_dim, src + q_dim + kv_dim, kv_dim * sizeof(float));
     }
-}
-
-void silu_mul(const float* gate, const float* up, float* out, int64_t count) {
-#pragma omp parallel for schedule(static) if (count > 65536)
-  for (int64_t i = 0; i < count; ++i) {
-    float g = gate[i];
-    out[i] = g / (1.0f + std::exp(-g)) * up[i];
   }
 }
 
-void embedding(const float* table, const int32_t* ids, float* out, int64_t T, int64_t D) {
-  for (int64_t t = 0; t < T; ++t) std::memcpy(out + t * D, table + static_cast<int64_t>(ids[t]) * D, D * sizeof(float));
+void silu_mul(const SiluMulParams& p) {
+  const int64_t F = p.hidden;
+  const auto* gate_up = static_cast<const float*>(p.gate_up);
+  auto* out = static_cast<float*>(p.out);
+#pragma omp parallel for schedule(static) if (p.n_tokens * F > 65536)
+  for (int64_t t = 0; t < p.n_tokens; ++t)
+    for (int64_t i = 0; i < F; ++i) {
+      const float g = gate_up[t * 2 * F + i];
+      out[t * F + i] = g / (1.0f + std::exp(-g)) * gate_up[t * 2 * F + F + i];
+    }
 }
 
-void add_inplace(float* x, const float* y, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) x[i] += y[i];
+void embedding(const EmbeddingParams& p) {
+  const int64_t D = p.table.cols;
+  const DType dtype = dtype_of(p.table.format);
+  const size_t row_bytes = static_cast<size_t>(D) * p.table.element_bytes();
+  for (int64_t t = 0; t < p.n_tokens; ++t) {
+    const void* row = static_cast<const uint8_t*>(p.table.data) + static_cast<size_t>(p.ids[t]) * row_bytes;
+    convert(row, dtype, p.out + t * D, DType::kF32, static_cast<size_t>(D));
+  }
 }
 
 }  // namespace mc::cpu

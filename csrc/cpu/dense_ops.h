@@ -1,31 +1,27 @@
-// CPU reference ops on float32 row-major matrices. T = rows (tokens), D = width.
+// CPU ops on row-major float32 activations. Weights are read in their stored format (float32,
+// bfloat16 or float16) and widened to float32 in registers. T = rows (tokens), D = width.
 #pragma once
 
 #include <cstdint>
 
+#include "core/op_params.h"
+#include "core/weight.h"
+
 namespace mc::cpu {
 
-// y[T, N] = x[T, K] · w[N, K]ᵀ (the nn.Linear convention: weights are [out, in]).
-void matmul(const float* x, const float* w, float* y, int64_t T, int64_t N, int64_t K);
+// y[T, N] = x[T, K] · w[N, K]ᵀ (the nn.Linear convention: weights are [out, in]), f32 accumulate.
+void linear(const float* x, const WeightRef& w, float* y, int64_t T);
 
-// y[T, D] = x / sqrt(mean(x²) + eps) * weight, statistics in double.
-void rms_norm(const float* x, const float* weight, float* y, int64_t T, int64_t D, float eps);
+// RmsNormParams on float32 activations (statistics in double).
+void rms_norm(const RmsNormParams& p);
 
-// Half-rotation RoPE in place on x[T, heads, Dh]: each pair (i, i + Dh/2) of token t rotates
-// by the angle whose cos/sin are cos[t, i], sin[t, i] (tables [T, Dh/2] from rope_tables).
-void rope(float* x, const float* cos, const float* sin, int64_t T, int64_t heads, int64_t head_dim);
+// QkvRopeParams on float32 activations.
+void qkv_rope(const QkvRopeParams& p);
 
-// Tables for rope(): angle = float(pos) * inv_freq[i] in float32 like the reference
-// implementations (so long positions round the same way), cos/sin of it exactly.
-void rope_tables(const int64_t* positions, const float* inv_freq, int64_t T, int64_t half, float* cos, float* sin);
+// SiluMulParams on float32 activations.
+void silu_mul(const SiluMulParams& p);
 
-// out[i] = silu(gate[i]) * up[i]
-void silu_mul(const float* gate, const float* up, float* out, int64_t count);
-
-// out[T, D] = table[ids[t]]
-void embedding(const float* table, const int32_t* ids, float* out, int64_t T, int64_t D);
-
-// x[i] += y[i]
-void add_inplace(float* x, const float* y, int64_t count);
+// EmbeddingParams: rows of the table, widened to float32.
+void embedding(const EmbeddingParams& p);
 
 }  // namespace mc::cpu

@@ -3,10 +3,46 @@
 #include <algorithm>
 #include <vector>
 
-#include "core/op_params.h"
 #include "cpu/dense_ops.h"
 
 namespace mc::cpu {
+namespace {
+
+// The workspace of moe(), carved in order: float arrays first, then int32 arrays.
+struct MoeScratch {
+  float* logits;       // [T, E]
+  float* weights;      // [T, K]
+  float* xs;           // [T, D] one expert's tokens (an expert takes a token at most once)
+  float* gate_up;      // [T, 2F]
+  float* act;          // [T, F]
+  float* out;          // [T, D] one expert's output, then the token's sum
+  float* sum;          // [T, D] Σ over the token's experts
+  int32_t* expert_ids; // [T, K]
+  int32_t* offsets;    // [E + 1]
+  int32_t* pairs;      // [T * K]
+
+  static size_t floats(int64_t T, int64_t E, int64_t K, int64_t D, int64_t F) {
+    return static_cast<size_t>(T * (E + K + 3 * D + 3 * F));
+  }
+  static size_t ints(int64_t T, int64_t E, int64_t K) { return static_cast<size_t>(2 * T * K + E + 1); }
+
+  MoeScratch(void* base, int64_t T, int64_t E, int64_t K, int64_t D, int64_t F) {
+    float* f = static_cast<float*>(base);
+    logits = f;
+    weights = logits + T * E;
+    xs = weights + T * K;
+    gate_up = xs + T * D;
+    act = gate_up + T * 2 * F;
+    out = act + T * F;
+    sum = out + T * D;
+    auto* i = reinterpret_cast<int32_t*>(sum + T * D);
+    expert_ids = i;
+    offsets = expert_ids + T * K;
+    pairs = offsets + E + 1;
+  }
+};
+
+}  // namespace
 
 void moe_route(const float* logits, int64_t T, int32_t E, int32_t K, int32_t* expert_ids, float* weights,
                int32_t* offsets, int32_t* sorted_pairs) {
@@ -18,42 +54,41 @@ void moe_route(const float* logits, int64_t T, int32_t E, int32_t K, int32_t* ex
   for (int64_t pair = 0; pair < T * K; ++pair) sorted_pairs[fill[expert_ids[pair]]++] = static_cast<int32_t>(pair);
 }
 
-void moe_ffn(const float* x, const LayerWeights& layer, const ModelConfig& config, int64_t T, float* y) {
-  const int64_t D = config.dim, F = config.hidden_dim;
-  const int32_t E = static_cast<int32_t>(config.n_experts), K = static_cast<int32_t>(config.n_experts_per_tok);
+size_t moe_workspace_bytes(int64_t T, int64_t E, int64_t K, int64_t D, int64_t F) {
+  return MoeScratch::floats(T, E, K, D, F) * sizeof(float) + MoeScratch::ints(T, E, K) * sizeof(int32_t);
+}
 
-  std::vector<float> logits(T * E);  // [T, E]
-  matmul(x, layer.router.f32(), logits.data(), T, E, D);
-  std::vector<int32_t> chosen(T * K);      // [T, K] expert ids
-  std::vector<float> weights(T * K);       // [T, K] routing weights
-  std::vector<int32_t> offsets(E + 1);     // [E + 1]
-  std::vector<int32_t> pairs(T * K);       // [T * K] pair ids grouped by expert
-  moe_route(logits.data(), T, E, K, chosen.data(), weights.data(), offsets.data(), pairs.data());
+void moe(const MoeParams& p) {
+  const int64_t T = p.n_tokens, D = p.w2.rows, F = p.w2.cols;
+  const int32_t E = static_cast<int32_t>(p.router.rows), K = p.top_k;
+  const auto* x = static_cast<const float*>(p.x);
+  MoeScratch s(p.workspace, T, E, K, D, F);
 
-  std::fill(y, y + T * D, 0.0f);
-  std::vector<float> xs, gate, up, out;
+  linear(x, p.router, s.logits, T);  // [T, E]
+  moe_route(s.logits, T, E, K, s.expert_ids, s.weights, s.offsets, s.pairs);
+
+  std::fill(s.sum, s.sum + T * D, 0.0f);
   for (int32_t e = 0; e < E; ++e) {
-    const int64_t n = offsets[e + 1] - offsets[e];
+    const int64_t n = s.offsets[e + 1] - s.offsets[e];
     if (n == 0) continue;
-    const ExpertWeights& expert = layer.experts[e];
-    xs.resize(n * D);  // [n, D] this expert's tokens
-    for (int64_t i = 0; i < n; ++i)
-      std::copy_n(x + (pairs[offsets[e] + i] / K) * D, D, xs.data() + i * D);
-    gate.resize(n * F);
-    up.resize(n * F);
-    out.resize(n * D);
-    matmul(xs.data(), expert.w1.f32(), gate.data(), n, F, D);
-    matmul(xs.data(), expert.w3.f32(), up.data(), n, F, D);
-    silu_mul(gate.data(), up.data(), gate.data(), n * F);
-    matmul(gate.data(), expert.w2.f32(), out.data(), n, D, F);
+    const int32_t* pairs = s.pairs + s.offsets[e];
+    for (int64_t i = 0; i < n; ++i) std::copy_n(x + (pairs[i] / K) * D, D, s.xs + i * D);
+    linear(s.xs, p.w13.matrix(e), s.gate_up, n);
+    SiluMulParams silu;
+    silu.gate_up = s.gate_up;
+    silu.out = s.act;
+    silu.n_tokens = n;
+    silu.hidden = F;
+    silu_mul(silu);
+    linear(s.act, p.w2.matrix(e), s.out, n);
     // Experts are visited in index order, so each token sums its experts in a fixed order.
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t pair = pairs[offsets[e] + i];
-      float* row = y + (pair / K) * D;
-      const float w = weights[pair];
-      for (int64_t d = 0; d < D; ++d) row[d] += w * out[i * D + d];
+      float* row = s.sum + (pairs[i] / K) * D;
+      const float w = s.weights[pairs[i]];
+      for (int64_t d = 0; d < D; ++d) row[d] += w * s.out[i * D + d];
     }
   }
+  for (int64_t i = 0; i < T * D; ++i) p.residual[i] += s.sum[i];
 }
 
 }  // namespace mc::cpu

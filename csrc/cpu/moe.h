@@ -2,10 +2,10 @@
 // each expert once over all of its tokens (grouped by a counting sort).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
-#include "core/checkpoint.h"
-#include "core/config.h"
+#include "core/op_params.h"
 
 namespace mc::cpu {
 
@@ -16,7 +16,10 @@ namespace mc::cpu {
 void moe_route(const float* logits, int64_t T, int32_t E, int32_t K, int32_t* expert_ids, float* weights,
                int32_t* offsets, int32_t* sorted_pairs);
 
-// y[T, D] = Σ_k weight[t, k] · w2_e(silu(w1_e x_t) * w3_e x_t) over the K experts e of token t.
-void moe_ffn(const float* x, const LayerWeights& layer, const ModelConfig& config, int64_t T, float* y);
+// Scratch of moe() for T tokens, in bytes.
+size_t moe_workspace_bytes(int64_t T, int64_t E, int64_t K, int64_t D, int64_t F);
+
+// MoeParams on float32 activations: residual[t] += Σ_k weight[t, k] · expert_k(x_t).
+void moe(const MoeParams& p);
 
 }  // namespace mc::cpu

@@ -1,5 +1,6 @@
 // The model runner: one call to step() runs a batch of (sequence, new tokens) entries, mixing
-// prefill chunks and decode tokens, through the paged KV cache, and returns logits.
+// prefill chunks and decode tokens, through the paged KV cache, and returns logits. It owns the
+// block manager and the backend; the layer loop is ForwardPass (runtime/forward.h).
 #pragma once
 
 #include <cstdint>
@@ -13,15 +14,22 @@
 #include "core/block_manager.h"
 #include "core/checkpoint.h"
 #include "core/config.h"
+#include "runtime/forward.h"
 
 namespace mc {
 
 struct ModelOptions {
   std::string device = "cpu";  // "cpu" | "cuda" | "auto"
-  std::optional<DType> dtype;  // unset: float32 on the CPU, bfloat16 on CUDA
+  // Weight dtype. CPU: unset keeps the checkpoint's (float32 for from_config), any float dtype
+  // converts (activations are float32 either way). CUDA: bfloat16 (default) or float16, for
+  // weights and activations.
+  std::optional<DType> dtype;
   int32_t block_size = 16;
-  int64_t num_blocks = 0;      // 0 = default_num_blocks()
-  ProgressFn progress;         // called while weights load
+  int64_t num_blocks = 0;       // 0 = default_num_blocks()
+  bool use_mmap = true;         // see LoadOptions
+  int32_t max_step_tokens = 0;  // tokens of one forward pass (0 = 2048); larger steps run as several
+  int32_t max_step_seqs = 0;    // sequences of one forward pass (0 = 256)
+  ProgressFn progress;          // called while weights load
 };
 
 struct StepEntry {
@@ -35,12 +43,14 @@ class Model {
   // A model of `config` with random weights drawn from `seed` (core/random.h), built directly
   // on the device: for benchmarks without a checkpoint.
   static std::unique_ptr<Model> from_config(const ModelConfig& config, uint64_t seed, const ModelOptions& options);
+  ~Model();
 
   const ModelConfig& config() const { return config_; }
   const std::string& device() const { return device_; }
-  DType dtype() const { return dtype_; }
+  DType dtype() const { return dtype_; }  // of the weight matrices
   int32_t block_size() const { return blocks_.layout().block_size; }
   int64_t num_blocks() const { return blocks_.num_blocks(); }
+  const StepLimits& step_limits() const { return forward_->limits(); }
 
   // Thread-safe: calls from several threads are serialized.
   int32_t add_sequence();
@@ -53,18 +63,20 @@ class Model {
   static int64_t logit_rows(const std::vector<StepEntry>& entries, bool all_logits);
 
   // Validates the whole batch first (nothing changes on error), appends each entry's K/V to
-  // its sequence and writes logits [logit_rows, vocab_size] to `logits` in entry order.
+  // its sequence and writes logits [logit_rows, vocab_size] to `logits` in entry order. A step
+  // beyond the forward pass's limits runs as several passes (long prompts in chunks).
   void step(const std::vector<StepEntry>& entries, bool all_logits, float* logits);
 
   // Enough blocks for four sequences at full length (a window's ring under sliding-window
-  // attention), capped near 8 GiB of K/V in `dtype` unless one sequence needs more.
-  static int64_t default_num_blocks(const ModelConfig& config, int32_t block_size, DType dtype);
+  // attention), capped near 8 GiB of K/V in `kv_dtype` unless one sequence needs more.
+  static int64_t default_num_blocks(const ModelConfig& config, int32_t block_size, DType kv_dtype);
 
  private:
-  Model(ModelConfig config, KvLayout layout, int64_t num_blocks, std::string device, DType dtype);
-  // Checks options, resolves device and dtype, and builds the model with no backend yet.
-  static std::unique_ptr<Model> prepare(const ModelConfig& config, const ModelOptions& options);
-  BackendInit backend_init(const ModelOptions& options) const;
+  Model(ModelConfig config, KvLayout layout, int64_t num_blocks, std::string device, DType dtype,
+        std::unique_ptr<Backend> backend);
+  // Checks options, resolves device and dtype, creates the backend; no weights yet.
+  static std::unique_ptr<Model> prepare(const ModelConfig& config, const ModelOptions& options, DType dtype);
+  void start(ModelWeights weights, const ModelOptions& options);
   void validate(const std::vector<StepEntry>& entries) const;
 
   ModelConfig config_;
@@ -72,6 +84,7 @@ class Model {
   std::string device_;
   DType dtype_;
   std::unique_ptr<Backend> backend_;
+  std::unique_ptr<ForwardPass> forward_;
   mutable std::mutex mutex_;  // guards blocks_ and the backend's cache
 };
 

@@ -1,0 +1,295 @@
+#include "runtime/forward.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/error.h"
+#include "core/op_params.h"
+
+namespace mc {
+namespace {
+
+size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// Packs the batch's index arrays into one host buffer (16-byte aligned offsets) so they reach
+// the device in one copy.
+class MetaPacker {
+ public:
+  MetaPacker(uint8_t* host, size_t capacity) : host_(host), capacity_(capacity) {}
+  template <typename T>
+  size_t add(const std::vector<T>& values) {
+    const size_t offset = used_;
+    const size_t bytes = values.size() * sizeof(T);
+    if (offset + bytes > capacity_) fail(ErrorKind::kInvalidRequest, "step metadata exceeds its workspace");
+    if (bytes > 0) std::memcpy(host_ + offset, values.data(), bytes);
+    used_ = align16(offset + bytes);
+    return offset;
+  }
+  size_t used() const { return used_; }
+
+ private:
+  uint8_t* host_;
+  size_t capacity_;
+  size_t used_ = 0;
+};
+
+}  // namespace
+
+ForwardPass::ForwardPass(Backend& backend, const ModelConfig& config, ModelWeights weights, KvLayout layout,
+                         int64_t num_blocks, const StepLimits& limits)
+    : backend_(backend),
+      config_(config),
+      weights_(std::move(weights)),
+      act_(backend.activation_dtype(weights_.layers.empty() ? weights_.tok_embeddings.dtype
+                                                            : weights_.layers[0].wqkv.dtype)),
+      layout_(layout),
+      limits_(limits) {
+  const size_t elem = dtype_size(act_);
+  const int64_t T = limits.max_tokens, S = limits.max_entries, R = limits.max_logit_rows;
+  const int64_t D = config.dim, F = config.hidden_dim, V = config.vocab_size;
+  const int64_t q_dim = config.q_dim(), kv_dim = config.kv_dim();
+  max_table_blocks_ = layout.ring_blocks > 0
+                          ? layout.ring_blocks
+                          : static_cast<int32_t>((config.max_seq_len + layout.block_size - 1) / layout.block_size);
+
+  const size_t pool_bytes = static_cast<size_t>(num_blocks) * layout.block_size * kv_dim * elem;
+  for (int64_t l = 0; l < config.n_layers; ++l) {
+    k_pools_.push_back(backend.allocate(pool_bytes));
+    v_pools_.push_back(backend.allocate(pool_bytes));
+  }
+
+  ws_.meta_bytes = align16(T * 4) + align16(T * 8) + align16((S + 1) * 4) + align16(S * 8) +
+                   align16(static_cast<size_t>(S) * max_table_blocks_ * 4) + align16(T * 4);
+  ws_.meta = backend.allocate(ws_.meta_bytes);
+  ws_.meta_host = backend.allocate_host(ws_.meta_bytes);
+  ws_.residual = backend.allocate(T * D * sizeof(float));
+  ws_.hidden = backend.allocate(T * D * elem);
+  ws_.qkv = backend.allocate(T * (q_dim + 2 * kv_dim) * elem);
+  ws_.q = backend.allocate(T * q_dim * elem);
+  ws_.k = backend.allocate(T * kv_dim * elem);
+  ws_.v = backend.allocate(T * kv_dim * elem);
+  ws_.attn = backend.allocate(T * q_dim * elem);
+  ws_.proj = backend.allocate(T * D * elem);
+  if (!config.is_moe()) {
+    ws_.gate_up = backend.allocate(T * 2 * F * elem);
+    ws_.ffn_act = backend.allocate(T * F * elem);
+  }
+  ws_.rows = backend.allocate(R * D * elem);
+  ws_.logits = backend.allocate(R * V * sizeof(float));
+  ws_.logits_host = backend.allocate_host(R * V * sizeof(float));
+  ws_.attention_scratch = backend.allocate(backend.attention_workspace_bytes(config, limits, act_));
+  ws_.moe_scratch = backend.allocate(backend.moe_workspace_bytes(config, limits, act_));
+  std::vector<float> inv_freq = rope_inv_freq(config.head_dim, config.rope_theta);
+  ws_.inv_freq = backend.allocate(inv_freq.size() * sizeof(float));
+  backend.copy_to_device(ws_.inv_freq.get(), inv_freq.data(), inv_freq.size() * sizeof(float));
+  backend.synchronize();
+}
+
+void ForwardPass::run(const StepBatch& batch, float* logits) {
+  const int64_t T = batch.n_tokens();
+  const int32_t S = batch.n_entries();
+  if (T > limits_.max_tokens || S > limits_.max_entries || batch.max_blocks > max_table_blocks_)
+    fail(ErrorKind::kInvalidRequest, "forward pass of ", T, " tokens, ", S, " entries exceeds its limits (",
+         limits_.max_tokens, " tokens, ", limits_.max_entries, " entries)");
+  const int64_t D = config_.dim;
+
+  // ---- the paged-KV view of this pass, built once ----
+  auto* meta_host = static_cast<uint8_t*>(ws_.meta_host.get());
+  MetaPacker packer(meta_host, ws_.meta_bytes);
+  const size_t tokens_at = packer.add(batch.tokens);
+  const size_t positions_at = packer.add(batch.positions);
+  const size_t cu_seqlens_at = packer.add(batch.cu_seqlens);
+  const size_t start_pos_at = packer.add(batch.start_pos);
+  const size_t tables_at = packer.add(batch.block_tables);
+  const size_t rows_at = packer.add(batch.logit_rows);
+  auto* meta = static_cast<uint8_t*>(ws_.meta.get());
+  backend_.copy_to_device(meta, meta_host, packer.used());
+
+  PagedKvView kv;
+  kv.block_tables = reinterpret_cast<const int32_t*>(meta + tables_at);
+  kv.cu_seqlens = reinterpret_cast<const int32_t*>(meta + cu_seqlens_at);
+  kv.start_pos = reinterpret_cast<const int64_t*>(meta + start_pos_at);
+  kv.n_entries = S;
+  kv.max_blocks = batch.max_blocks;
+  kv.layout = layout_;
+  kv.n_tokens = static_cast<int32_t>(T);
+  kv.n_decode = batch.n_decode;
+  int32_t max_query_len = 0;
+  int64_t max_context = 0;
+  for (int32_t e = 0; e < S; ++e) {
+    const int32_t n = batch.cu_seqlens[e + 1] - batch.cu_seqlens[e];
+    const int64_t end = batch.start_pos[e] + n;
+    const int64_t keys = layout_.window > 0 ? std::min(layout_.window, end) : end;
+    max_query_len = std::max(max_query_len, n);
+    max_context = std::max(max_context, keys);
+    if (e < batch.n_decode) {
+      kv.decode_max_context = std::max(kv.decode_max_context, keys);
+    } else {
+      kv.prefill_max_query_len = std::max(kv.prefill_max_query_len, n);
+      kv.prefill_max_context = std::max(kv.prefill_max_context, keys);
+    }
+  }
+
+  auto* x = static_cast<float*>(ws_.residual.get());  // [T, D] f32 residual stream
+  void* h = ws_.hidden.get();
+
+  EmbeddingParams embed;
+  embed.table = WeightRef::of(weights_.tok_embeddings);
+  embed.ids = reinterpret_cast<const int32_t*>(meta + tokens_at);
+  embed.out = x;
+  embed.n_tokens = T;
+  backend_.embedding(embed);
+
+  RmsNormParams norm;
+  norm.residual = x;
+  norm.n_tokens = norm.n_rows = T;
+  norm.dim = D;
+  norm.eps = static_cast<float>(config_.norm_eps);
+  norm.dtype = act_;
+  norm.out = h;
+
+  LinearParams linear;
+  linear.n_tokens = T;
+  linear.x_dtype = linear.y_dtype = act_;
+
+  QkvRopeParams rope;
+  rope.qkv = ws_.qkv.get();
+  rope.q = ws_.q.get();
+  rope.k = ws_.k.get();
+  rope.v = ws_.v.get();
+  rope.positions = reinterpret_cast<const int64_t*>(meta + positions_at);
+  rope.inv_freq = static_cast<const float*>(ws_.inv_freq.get());
+  rope.n_tokens = T;
+  rope.n_heads = static_cast<int32_t>(config_.n_heads);
+  rope.n_kv_heads = static_cast<int32_t>(config_.n_kv_heads);
+  rope.head_dim = static_cast<int32_t>(config_.head_dim);
+  rope.dtype = act_;
+
+  AttentionParams attention;
+  AttentionParamsT<void>& at = attention.tensors;
+  at.q = rope.q;
+  at.k_new = rope.k;
+  at.v_new = rope.v;
+  at.out = ws_.attn.get();
+  at.kv = kv;
+  at.n_heads = rope.n_heads;
+  at.n_kv_heads = rope.n_kv_heads;
+  at.head_dim = rope.head_dim;
+  at.scale = attention_scale(config_.head_dim);
+  attention.dtype = act_;
+  attention.n_tokens = static_cast<int32_t>(T);
+  attention.max_query_len = max_query_len;
+  attention.max_context = max_context;
+  attention.workspace = ws_.attention_scratch.get();
+
+  KvAppendParams append;
+  KvAppendParamsT<void>& ap = append.tensors;
+  ap.k = rope.k;
+  ap.v = rope.v;
+  ap.kv = kv;
+  ap.n_kv_heads = rope.n_kv_heads;
+  ap.head_dim = rope.head_dim;
+  append.dtype = act_;
+
+  const void* pending = nullptr;  // [T, D] output not yet added to the residual x
+  for (int64_t l = 0; l < config_.n_layers; ++l) {
+    const LayerWeights& layer = weights_.layers[l];
+    norm.weight = layer.attn_norm.data;
+    norm.delta = pending;  // the previous layer's FFN output joins the residual here
+    backend_.rms_norm(norm);
+
+    linear.x = h;
+    linear.w = WeightRef::of(layer.wqkv);
+    linear.y = ws_.qkv.get();
+    backend_.linear(linear);
+    backend_.qkv_rope(rope);
+
+    at.k_pool = k_pools_[l].get();
+    at.v_pool = v_pools_[l].get();
+    backend_.attention(attention);
+    // Only now, after the chunk has been attended, may its K/V enter the (rolling) cache.
+    ap.k_pool = k_pools_[l].get();
+    ap.v_pool = v_pools_[l].get();
+    backend_.kv_append(append);
+
+    linear.x = at.out;
+    linear.w = WeightRef::of(layer.wo);
+    linear.y = ws_.proj.get();
+    backend_.linear(linear);
+
+    norm.weight = layer.ffn_norm.data;
+    norm.delta = ws_.proj.get();
+    backend_.rms_norm(norm);
+
+    if (config_.is_moe()) {
+      MoeParams moe;
+      moe.x = h;
+      moe.router = WeightRef::of(layer.router);
+      moe.w13 = WeightRef::of(layer.w13);
+      moe.w2 = WeightRef::of(layer.w2);
+      moe.residual = x;
+      moe.n_tokens = T;
+      moe.top_k = static_cast<int32_t>(config_.n_experts_per_tok);
+      moe.dtype = act_;
+      moe.workspace = ws_.moe_scratch.get();
+      backend_.moe(moe);
+      pending = nullptr;  // the experts added their output into x already
+    } else {
+      linear.x = h;
+      linear.w = WeightRef::of(layer.w13);
+      linear.y = ws_.gate_up.get();
+      backend_.linear(linear);
+      SiluMulParams silu;
+      silu.gate_up = ws_.gate_up.get();
+      silu.out = ws_.ffn_act.get();
+      silu.n_tokens = T;
+      silu.hidden = config_.hidden_dim;
+      silu.dtype = act_;
+      backend_.silu_mul(silu);
+      linear.x = ws_.ffn_act.get();
+      linear.w = WeightRef::of(layer.w2);
+      linear.y = ws_.proj.get();
+      backend_.linear(linear);
+      pending = ws_.proj.get();
+    }
+  }
+  lm_head(batch, reinterpret_cast<const int32_t*>(meta + rows_at), pending, logits);
+}
+
+void ForwardPass::lm_head(const StepBatch& batch, const int32_t* rows, const void* pending, float* logits) {
+  const int64_t V = config_.vocab_size, D = config_.dim;
+  const auto total = static_cast<int64_t>(batch.logit_rows.size());
+  auto* logits_host = static_cast<float*>(ws_.logits_host.get());
+  RmsNormParams norm;
+  norm.residual = static_cast<float*>(ws_.residual.get());
+  norm.weight = weights_.norm.data;
+  norm.n_tokens = batch.n_tokens();
+  norm.dim = D;
+  norm.eps = static_cast<float>(config_.norm_eps);
+  norm.dtype = act_;
+  norm.out = ws_.rows.get();
+  norm.delta = pending;  // added to the residual once, with the first chunk of rows
+  LinearParams head;
+  head.x = ws_.rows.get();
+  head.w = WeightRef::of(weights_.output);
+  head.y = ws_.logits.get();
+  head.x_dtype = act_;
+  head.y_dtype = DType::kF32;
+  // The LM head runs on at most max_logit_rows rows at a time: its workspace is fixed.
+  for (int64_t first = 0; first < total; first += limits_.max_logit_rows) {
+    const int64_t n = std::min<int64_t>(limits_.max_logit_rows, total - first);
+    norm.rows = rows + first;
+    norm.n_rows = n;
+    backend_.rms_norm(norm);
+    norm.delta = nullptr;
+    head.n_tokens = n;
+    backend_.linear(head);
+    backend_.copy_to_host(logits_host, ws_.logits.get(), static_cast<size_t>(n * V) * sizeof(float));
+    backend_.synchronize();
+    for (int64_t r = 0; r < n; ++r)
+      std::memcpy(logits + batch.logit_dest[first + r] * V, logits_host + r * V, V * sizeof(float));
+  }
+  if (total == 0) backend_.synchronize();
+}
+
+}  // namespace mc
