@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Paged-attention benchmark on the GPU: mc.ops.paged_attention with Mistral-7B shapes.
+"""Paged-attention benchmark on the GPU: mc.testing.paged_attention with Mistral-7B shapes.
 
     python benches/bench_attention.py [--batches 1,64] [--contexts 512,4096,32768] [--repeats R]
 
@@ -14,7 +14,7 @@ Shapes: 32 query heads, 8 KV heads, head_dim 128, KV block size 16, full attenti
 
 Two timings per case: the kernel alone (the low-level binding mistral_cuda._C.ops with the
 launch parameters built once, as the engine calls it; this is the headline number) and the
-mc.ops.paged_attention call (argument checks that read cu_seqlens / start_pos / block tables on
+mc.testing.paged_attention call (argument checks that read cu_seqlens / start_pos / block tables on
 the host, i.e. device syncs, + launch). If the low-level binding is not usable, only the op
 call is timed and the table says so.
 
@@ -82,37 +82,28 @@ def decode_inputs(batch: int, context: int, copies: int, dtype):
 
 
 def kernel_runner(mc, q, k_new, v_new, k_pool, v_pool, table, cu, start, window, max_query_len, max_context):
-    """A no-argument function launching the CUDA attention kernel directly (what
-    mc.ops.paged_attention does after its host-side checks), and the output it writes.
-    Raises if the low-level binding does not take these arguments."""
+    """A no-argument function running the CUDA backend's attention op directly (what
+    mc.testing.paged_attention does after its host-side checks), and the output it writes. The
+    backend runs on its own stream, so each launch ends with its synchronize (timed with it)."""
     o = mc._C.ops
     out = torch.empty_like(q)
-    T, n_heads, head_dim = q.shape
-    n_entries, max_blocks = table.shape
-    params = o.cuda_attention_params(
-        q=q.data_ptr(), k_new=k_new.data_ptr(), v_new=v_new.data_ptr(), k_pool=k_pool.data_ptr(),
-        v_pool=v_pool.data_ptr(), block_tables=table.data_ptr(), cu_seqlens=cu.data_ptr(), start_pos=start.data_ptr(),
-        out=out.data_ptr(), n_tokens=T, n_entries=n_entries, max_blocks=max_blocks, n_heads=n_heads,
-        n_kv_heads=k_new.shape[1], head_dim=head_dim, block_size=BLOCK, window=window, max_query_len=max_query_len,
-        max_context=max_context, dtype={torch.bfloat16: "bfloat16", torch.float16: "float16"}[q.dtype],
-    )
-    workspace = torch.empty(o.cuda_attention_workspace_bytes(params), dtype=torch.uint8, device=q.device)
-    stream = torch.cuda.current_stream().cuda_stream
-    ws_ptr = workspace.data_ptr() if workspace.numel() else 0
+    backend = o.Backend("cuda")
+    kv = o.PagedKv(table, cu, start, BLOCK, window, cu.cpu().tolist(), start.cpu().tolist())
 
     def launch():
-        o.cuda_paged_attention(params, ws_ptr, stream)
+        backend.attention(q, k_new, v_new, k_pool, v_pool, kv, out)
+        backend.synchronize()
 
-    launch.keep_alive = (params, workspace)  # the params hold raw pointers into these
+    launch.keep_alive = (backend, kv)
     return launch, out
 
 
 def make_runners(mc, q, k_new, v_new, k_pool, v_pool, tables, cu, start, max_query_len, max_context):
     """(op_call(i), kernel(i) or None, finite, note): rotating over the block tables in
-    `tables`. The kernel path is used only if its output matches mc.ops.paged_attention's."""
+    `tables`. The kernel path is used only if its output matches mc.testing.paged_attention's."""
 
     def op_call(i):
-        return mc.ops.paged_attention(q, k_new, v_new, k_pool, v_pool, tables[i % len(tables)], cu, start, BLOCK, 0)
+        return mc.testing.paged_attention(q, k_new, v_new, k_pool, v_pool, tables[i % len(tables)], cu, start, BLOCK, 0)
 
     ref = op_call(0)
     torch.cuda.synchronize()
@@ -127,7 +118,7 @@ def make_runners(mc, q, k_new, v_new, k_pool, v_pool, tables, cu, start, max_que
         torch.cuda.synchronize()
         if not torch.allclose(outs[0].float(), ref.float(), rtol=1e-2, atol=1e-2):
             diff = (outs[0].float() - ref.float()).abs().max().item()
-            return op_call, None, finite, f"direct kernel output differs from mc.ops (max diff {diff:.3g}); timing the op call"
+            return op_call, None, finite, f"direct kernel output differs from mc.testing (max diff {diff:.3g}); timing the op call"
         return op_call, (lambda i: launches[i % len(launches)]()), finite, ""
     except Exception as e:
         return op_call, None, finite, f"direct kernel launch unavailable ({type(e).__name__}: {e}); timing the op call"
@@ -235,6 +226,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     common.require_cuda_or_exit()
     import mistral_cuda as mc
+    import mistral_cuda.testing  # noqa: F401  (mc.testing: the op harness)
 
     dtype = getattr(torch, args.dtype)
     print(f"device: {common.device_line()}")

@@ -6,7 +6,7 @@
 Shapes (Mixtral-8x7B): D = 4096, F = 14336, E = 8 experts, top-2, bf16. T = tokens,
 K = experts per token, P = T x K (token, expert) pairs.
 
-  * layer: mc.ops.moe_ffn(x [T, D], router [E, D], w13 [E, 2F, D], w2 [E, D, F], 2) -> y f32
+  * layer: mc.testing.moe_ffn(x [T, D], router [E, D], w13 [E, 2F, D], w2 [E, D, F], 2) -> y f32
     [T, D], the whole layer (router GEMM, routing, gate/up, SiLU, down, weighted sum) at each
     token count. Bytes = the expert weights the routing touches (distinct experts hit x 3 x D x
     F x 2 B; 2 experts at T = 1, ~7.2 at T = 8, all 8 from T = 64) + the router (E x D x 2 B),
@@ -45,7 +45,7 @@ import torch  # noqa: E402
 import common  # noqa: E402
 
 D, FF, E, K = 4096, 14336, 8, 2  # Mixtral-8x7B: dim, expert FFN width, experts, experts per token
-AGREE_TOL = 0.05  # mc.ops.moe_ffn vs the torch loop (both bf16; ~1e-2 expected): larger = wrong
+AGREE_TOL = 0.05  # mc.testing.moe_ffn vs the torch loop (both bf16; ~1e-2 expected): larger = wrong
 
 
 def parse_args(argv=None):
@@ -130,14 +130,14 @@ def bench_layer(mc, T: int, weights, args, dtype, copy_bw: float) -> dict:
     bytes_moved = sum(hit) / len(hit) * expert_bytes + E * D * router.element_size()
     flops = 2 * T * K * 3 * D * FF + 2 * T * E * D
 
-    out = mc.ops.moe_ffn(xs[0], router, w13, w2, K)
+    out = mc.testing.moe_ffn(xs[0], router, w13, w2, K)
     ref = torch_layer(xs[0], router, w13, w2)
     torch.cuda.synchronize()
     finite = bool(torch.isfinite(out).all())
     agree = float((out.float() - ref).norm() / ref.norm()) if finite else float("nan")
 
     n = args.sets
-    t = common.time_cuda(lambda i: mc.ops.moe_ffn(xs[i % n], router, w13, w2, K), warmup=args.warmup,
+    t = common.time_cuda(lambda i: mc.testing.moe_ffn(xs[i % n], router, w13, w2, K), warmup=args.warmup,
                          repeats=args.repeats, inner=n)
     row = {
         "name": f"moe layer T{T}",
@@ -298,6 +298,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     common.require_cuda_or_exit()
     import mistral_cuda as mc
+    import mistral_cuda.testing  # noqa: F401  (mc.testing: the op harness)
 
     dtype = torch.bfloat16
     print(f"device: {common.device_line()}")

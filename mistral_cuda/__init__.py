@@ -11,7 +11,7 @@ from mistral_cuda._C import (
     cuda_compiled,
     cuda_device_count,
 )
-from mistral_cuda import ops, sampling
+from mistral_cuda import sampling
 from mistral_cuda.engine import Engine, Stream
 from mistral_cuda.generation import CompletionOutput
 from mistral_cuda.sampling import SamplingParams, TokenLogprob
@@ -36,6 +36,5 @@ __all__ = [
     "UnsupportedError",
     "cuda_compiled",
     "cuda_device_count",
-    "ops",
     "sampling",
 ]

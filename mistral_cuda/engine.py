@@ -33,6 +33,16 @@ def _dtype_name(dtype: Union[None, str, torch.dtype]) -> Optional[str]:
     raise TypeError(f"dtype must be None, a str or a torch.dtype, got {type(dtype).__name__}")
 
 
+def _model_options(device: str, dtype, block_size: int, num_blocks: Optional[int], mmap: bool) -> _C.ModelOptions:
+    options = _C.ModelOptions()
+    options.device = device
+    options.dtype = _dtype_name(dtype)
+    options.block_size = block_size
+    options.num_blocks = 0 if num_blocks is None else num_blocks
+    options.mmap = bool(mmap)
+    return options
+
+
 def _prepare_device(device: str) -> None:
     if device in ("cuda", "auto") and _C.cuda_compiled() and _C.cuda_device_count() > 0:
         preload_cublas()
@@ -67,8 +77,16 @@ class Engine:
         tokenizer: Union[None, str, os.PathLike, Tokenizer] = None,
         max_batch_size: int = 64,
         prefill_chunk: int = 512,
+        mmap: bool = True,
     ) -> "Engine":
         """Loads a Hugging Face (config.json) or Mistral consolidated (params.json) directory.
+
+        dtype: on the CPU, the dtype weights are kept in: None keeps the checkpoint's (a bf16
+        checkpoint stays bf16, taking its own size in memory), "float32"/"bfloat16"/"float16"
+        convert; activations and the KV cache are float32 either way. On CUDA: bfloat16
+        (default) or float16, for weights and activations (float32 residual stream).
+        mmap: tensors already in their final form are views of the memory-mapped files (the
+        files must then stay unchanged while the model is loaded); False copies every weight.
 
         block_size: tokens per KV-cache block. num_blocks: blocks in the KV pool (default: room
         for four full-length sequences, capped near 8 GiB). progress: show a progress bar.
@@ -89,14 +107,9 @@ class Engine:
             bar.update(done - bar.n)
 
         try:
-            model = _C.Model.load(
-                os.fspath(model_dir),
-                device=device,
-                dtype=_dtype_name(dtype),
-                block_size=block_size,
-                num_blocks=0 if num_blocks is None else num_blocks,
-                progress=report,
-            )
+            options = _model_options(device, dtype, block_size, num_blocks, mmap)
+            options.progress = report
+            model = _C.Model.load(os.fspath(model_dir), options)
         finally:
             bar.close()
         engine = cls(model, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
@@ -121,14 +134,7 @@ class Engine:
         drawn from `seed` directly on the device: for benchmarks without a checkpoint. The same
         seed gives the same weights on the CPU and on CUDA (up to the dtype's rounding)."""
         _prepare_device(device)
-        model = _C.Model.from_config(
-            config,
-            device=device,
-            dtype=_dtype_name(dtype),
-            seed=seed,
-            block_size=block_size,
-            num_blocks=0 if num_blocks is None else num_blocks,
-        )
+        model = _C.Model.from_config(config, seed, _model_options(device, dtype, block_size, num_blocks, True))
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_file(tokenizer)
         return cls(model, tokenizer)

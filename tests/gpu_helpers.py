@@ -29,8 +29,8 @@ requires_cuda = pytest.mark.skipif(not cuda_ready(), reason="needs an NVIDIA GPU
 
 
 def ops():
-    """mistral_cuda.ops, imported at call time so that collecting a test file never needs it."""
-    from mistral_cuda import ops as mc_ops
+    """mistral_cuda.testing, imported at call time so that collecting a test file never needs it."""
+    from mistral_cuda import testing as mc_ops
 
     return mc_ops
 

@@ -158,12 +158,13 @@ def check_rope(T, H, KVH, Dh, theta, pos_kind, device, dtype):
     seed = tm.seed_of(f"rope-{T}-{H}-{KVH}-{Dh}-{theta}-{pos_kind}-{dtype}")
     q = rand((T, H, Dh), seed, dtype)
     k = rand((T, KVH, Dh), seed + 1, dtype)
+    v = rand((T, KVH, Dh), seed + 3, dtype)
     positions = rope_positions(pos_kind, T, seed + 2)
-    q_ref, k_ref = q.clone(), k.clone()
-    ops().rope(q_ref, k_ref, positions, theta)
-    qd, kd = on(q, device, dtype), on(k, device, dtype)
-    ops().rope(qd, kd, on(positions, device), float(theta))
+    qkv = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=1)  # [T, (H + 2 KVH) * Dh]
+    q_ref, k_ref, v_ref = ops().qkv_rope(qkv, positions, H, KVH, theta)
+    qd, kd, vd = ops().qkv_rope(on(qkv, device, dtype), on(positions, device), H, KVH, float(theta))
     assert qd.dtype == dtype and kd.dtype == dtype
+    assert torch.equal(vd.cpu(), on(v, device, dtype).cpu()), "qkv_rope must copy v unchanged"
     what = f"rope T={T} H={H} KVH={KVH} Dh={Dh} theta={theta} positions={pos_kind}"
     eq = assert_close_2x(qd, q_ref, torch_rope(on(q, device, dtype), positions, theta), what + " (q)")
     ek = assert_close_2x(kd, k_ref, torch_rope(on(k, device, dtype), positions, theta), what + " (k)")

@@ -63,7 +63,10 @@ class Backend {
   virtual void attention(const AttentionParams& p) = 0;
   virtual void kv_append(const KvAppendParams& p) = 0;
   virtual void silu_mul(const SiluMulParams& p) = 0;
+  // Mixtral's MoE FFN: routing (as moe_route) and the experts, added into the residual.
   virtual void moe(const MoeParams& p) = 0;
+  // The routing step alone (for the backend-comparison tests of its exactness).
+  virtual void moe_route(const MoeRouteParams& p) = 0;
 };
 
 }  // namespace mc

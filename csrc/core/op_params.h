@@ -37,6 +37,30 @@ struct PagedKvView {
   int32_t prefill_max_query_len = 0;  // longest chunk among the other entries
   int64_t prefill_max_context = 0;    // most keys any of their queries sees
 
+  // Fills n_tokens, n_decode and the bounds from host copies of cu_seqlens and start_pos.
+  void plan_from_host(const int32_t* host_cu_seqlens, const int64_t* host_start_pos) {
+    n_tokens = host_cu_seqlens[n_entries];
+    n_decode = 0;
+    while (n_decode < n_entries && host_cu_seqlens[n_decode + 1] - host_cu_seqlens[n_decode] == 1) ++n_decode;
+    decode_max_context = prefill_max_context = 0;
+    prefill_max_query_len = 0;
+    for (int32_t e = 0; e < n_entries; ++e) {
+      const int32_t n = host_cu_seqlens[e + 1] - host_cu_seqlens[e];
+      const int64_t end = host_start_pos[e] + n;
+      const int64_t keys = layout.window > 0 && layout.window < end ? layout.window : end;
+      if (e < n_decode) {
+        decode_max_context = decode_max_context > keys ? decode_max_context : keys;
+      } else {
+        prefill_max_query_len = prefill_max_query_len > n ? prefill_max_query_len : n;
+        prefill_max_context = prefill_max_context > keys ? prefill_max_context : keys;
+      }
+    }
+  }
+  int32_t max_query_len() const { return n_entries > n_decode ? prefill_max_query_len : (n_decode > 0 ? 1 : 0); }
+  int64_t max_context() const {
+    return decode_max_context > prefill_max_context ? decode_max_context : prefill_max_context;
+  }
+
   // Entries [first, first + count) as a view of their own (same token rows, same pools).
   PagedKvView entries(int32_t first, int32_t count) const {
     PagedKvView view = *this;
@@ -186,6 +210,19 @@ struct SiluMulParams {
   int64_t n_tokens = 0;
   int64_t hidden = 0;             // F
   DType dtype = DType::kF32;
+};
+
+// Mixtral routing of T tokens (route_top_k below: ties to the lower expert, weights = softmax over
+// the chosen logits), then the (token, slot) pairs grouped by expert with a stable counting sort.
+struct MoeRouteParams {
+  const float* router_logits = nullptr;  // [T, E] f32
+  int32_t* expert_ids = nullptr;         // [T, K]
+  float* weights = nullptr;              // [T, K]
+  int32_t* expert_offsets = nullptr;     // [E + 1]: expert e owns sorted_pairs[offsets[e] .. offsets[e+1])
+  int32_t* sorted_pairs = nullptr;       // [T * K] pair index t * K + k, grouped by expert, ascending within one
+  int32_t n_tokens = 0;
+  int32_t n_experts = 0;
+  int32_t top_k = 0;
 };
 
 // Mixtral's sparse MoE FFN, added into the residual stream:

@@ -105,6 +105,10 @@ class CpuBackend : public Backend {
     require_f32(p.dtype, "moe");
     cpu::moe(p);
   }
+  void moe_route(const MoeRouteParams& p) override {
+    cpu::moe_route(p.router_logits, p.n_tokens, p.n_experts, p.top_k, p.expert_ids, p.weights, p.expert_offsets,
+                   p.sorted_pairs);
+  }
 };
 
 }  // namespace

@@ -6,9 +6,9 @@
 #include <pybind11/stl.h>
 
 #include "core/checkpoint.h"
-#include "core/device.h"
 #include "core/error.h"
-#include "core/model.h"
+#include "cuda/cuda_backend.h"
+#include "runtime/model.h"
 
 namespace py = pybind11;
 
@@ -62,7 +62,12 @@ void register_errors(py::module_& m) {
         case mc::ErrorKind::kOutOfMemory: type = PyExc_MemoryError; break;
         case mc::ErrorKind::kUnsupported: type = error_types.unsupported; break;
       }
-      PyErr_SetString(type, e.what());
+      // Messages can quote bytes from a file: decode them leniently so the typed exception,
+      // not a UnicodeDecodeError, reaches Python.
+      const std::string message = e.what();
+      PyObject* text = PyUnicode_DecodeUTF8(message.data(), static_cast<Py_ssize_t>(message.size()), "replace");
+      PyErr_SetObject(type, text);
+      Py_XDECREF(text);
     }
   });
 }
@@ -76,34 +81,40 @@ std::string config_repr(const mc::ModelConfig& c) {
                      ", n_experts_per_tok=", c.n_experts_per_tok, ")");
 }
 
-mc::ModelOptions model_options(const std::string& device, const std::optional<std::string>& dtype, int32_t block_size,
-                               int64_t num_blocks, py::object progress) {
-  mc::ModelOptions options;
-  options.device = device;
-  if (dtype) options.dtype = mc::parse_dtype(*dtype);
-  options.block_size = block_size;
-  options.num_blocks = num_blocks;
-  if (!progress.is_none()) {
-    options.progress = [progress](int64_t done, int64_t total) {
-      py::gil_scoped_acquire gil;
-      progress(done, total);
-    };
-  }
-  return options;
+// The config of a loaded model, as Python sees it: a ModelConfig whose fields cannot be set,
+// so nothing on the Python side can change what the C++ runner sized its buffers from.
+struct FrozenModelConfig : mc::ModelConfig {
+  explicit FrozenModelConfig(const mc::ModelConfig& config) : mc::ModelConfig(config) {}
+};
+
+template <typename Field>
+void frozen_field(py::class_<FrozenModelConfig, mc::ModelConfig>& cls, const char* name, Field mc::ModelConfig::*field) {
+  std::string field_name = name;
+  cls.def_property(
+      name, [field](const FrozenModelConfig& c) { return c.*field; },
+      [field_name](FrozenModelConfig&, py::object) {
+        throw py::attribute_error("the config of a loaded model is read-only: cannot set '" + field_name +
+                                  "' (build a ModelConfig, e.g. ModelConfig.preset(...), and load a new model)");
+      });
 }
 
-std::unique_ptr<mc::Model> load_model(const std::string& model_dir, const std::string& device,
-                                      const std::optional<std::string>& dtype, int32_t block_size, int64_t num_blocks,
-                                      py::object progress) {
-  mc::ModelOptions options = model_options(device, dtype, block_size, num_blocks, progress);
+// Python's progress callable, called with the GIL held; an exception it raises (Ctrl-C's
+// KeyboardInterrupt included) propagates through the loader and cancels the load.
+mc::ProgressFn progress_fn(py::object progress) {
+  if (progress.is_none()) return {};
+  return [progress](int64_t done, int64_t total) {
+    py::gil_scoped_acquire gil;
+    progress(done, total);
+  };
+}
+
+std::unique_ptr<mc::Model> load_model(const std::string& model_dir, const mc::ModelOptions& options) {
   py::gil_scoped_release no_gil;
   return mc::Model::load(model_dir, options);
 }
 
-std::unique_ptr<mc::Model> model_from_config(const mc::ModelConfig& config, const std::string& device,
-                                             const std::optional<std::string>& dtype, uint64_t seed,
-                                             int32_t block_size, int64_t num_blocks) {
-  mc::ModelOptions options = model_options(device, dtype, block_size, num_blocks, py::none());
+std::unique_ptr<mc::Model> model_from_config(const mc::ModelConfig& config, uint64_t seed,
+                                             const mc::ModelOptions& options) {
   py::gil_scoped_release no_gil;
   return mc::Model::from_config(config, seed, options);
 }
@@ -165,18 +176,56 @@ PYBIND11_MODULE(_C, m) {
                   "Reads config.json (Hugging Face) or params.json (Mistral) of a model directory.")
       .def("__repr__", &config_repr);
 
+  py::class_<FrozenModelConfig, mc::ModelConfig> frozen(m, "FrozenModelConfig",
+                                                           "The read-only config of a loaded model.");
+  frozen_field(frozen, "dim", &mc::ModelConfig::dim);
+  frozen_field(frozen, "n_layers", &mc::ModelConfig::n_layers);
+  frozen_field(frozen, "n_heads", &mc::ModelConfig::n_heads);
+  frozen_field(frozen, "n_kv_heads", &mc::ModelConfig::n_kv_heads);
+  frozen_field(frozen, "head_dim", &mc::ModelConfig::head_dim);
+  frozen_field(frozen, "hidden_dim", &mc::ModelConfig::hidden_dim);
+  frozen_field(frozen, "vocab_size", &mc::ModelConfig::vocab_size);
+  frozen_field(frozen, "norm_eps", &mc::ModelConfig::norm_eps);
+  frozen_field(frozen, "rope_theta", &mc::ModelConfig::rope_theta);
+  frozen_field(frozen, "sliding_window", &mc::ModelConfig::sliding_window);
+  frozen_field(frozen, "max_seq_len", &mc::ModelConfig::max_seq_len);
+  frozen_field(frozen, "n_experts", &mc::ModelConfig::n_experts);
+  frozen_field(frozen, "n_experts_per_tok", &mc::ModelConfig::n_experts_per_tok);
+  frozen_field(frozen, "tie_embeddings", &mc::ModelConfig::tie_embeddings);
+
+  py::class_<mc::ModelOptions>(m, "ModelOptions", "How a model is loaded and run (see Engine.from_pretrained).")
+      .def(py::init<>())
+      .def_readwrite("device", &mc::ModelOptions::device)
+      .def_property(
+          "dtype",
+          [](const mc::ModelOptions& o) -> std::optional<std::string> {
+            if (!o.dtype) return std::nullopt;
+            return std::string(mc::dtype_name(*o.dtype));
+          },
+          [](mc::ModelOptions& o, std::optional<std::string> name) {
+            o.dtype = name ? std::optional<mc::DType>(mc::parse_dtype(*name)) : std::nullopt;
+          })
+      .def_readwrite("block_size", &mc::ModelOptions::block_size)
+      .def_readwrite("num_blocks", &mc::ModelOptions::num_blocks)
+      .def_readwrite("mmap", &mc::ModelOptions::use_mmap)
+      .def_readwrite("max_step_tokens", &mc::ModelOptions::max_step_tokens)
+      .def_readwrite("max_step_seqs", &mc::ModelOptions::max_step_seqs)
+      .def_property(
+          "progress", [](const mc::ModelOptions&) { return py::none(); },
+          [](mc::ModelOptions& o, py::object progress) { o.progress = progress_fn(progress); },
+          "progress(done_bytes, total_bytes), called while weights load (write-only)");
+
   py::class_<mc::Model>(m, "Model")
-      .def_static("load", &load_model, py::arg("model_dir"), py::arg("device") = "cpu", py::arg("dtype") = py::none(),
-                  py::arg("block_size") = 16, py::arg("num_blocks") = 0, py::arg("progress") = py::none())
-      .def_static("from_config", &model_from_config, py::arg("config"), py::arg("device") = "cpu",
-                  py::arg("dtype") = py::none(), py::arg("seed") = 0, py::arg("block_size") = 16,
-                  py::arg("num_blocks") = 0)
-      .def_property_readonly("config", &mc::Model::config)
+      .def_static("load", &load_model, py::arg("model_dir"), py::arg("options") = mc::ModelOptions())
+      .def_static("from_config", &model_from_config, py::arg("config"), py::arg("seed") = 0,
+                  py::arg("options") = mc::ModelOptions())
+      .def_property_readonly("config", [](const mc::Model& m) { return FrozenModelConfig(m.config()); })
       .def_property_readonly("device", &mc::Model::device)
       .def_property_readonly("dtype", [](const mc::Model& m) { return std::string(mc::dtype_name(m.dtype())); })
       .def_property_readonly("block_size", &mc::Model::block_size)
       .def_property_readonly("num_blocks", &mc::Model::num_blocks)
       .def_property_readonly("free_blocks", &mc::Model::free_blocks)
+      .def_property_readonly("max_step_tokens", [](const mc::Model& m) { return m.step_limits().max_tokens; })
       .def("add_sequence", &mc::Model::add_sequence)
       .def("free_sequence", &mc::Model::free_sequence, py::arg("seq"))
       .def("blocks_in_use", &mc::Model::blocks_in_use, py::arg("seq"))
@@ -185,6 +234,6 @@ PYBIND11_MODULE(_C, m) {
            "Runs one forward step over [(seq, token_ids), ...]; returns one float32 tensor per entry.");
 
   bind_ops(m);
-  m.def("cuda_device_count", &mc::cuda_device_count);
-  m.def("cuda_compiled", &mc::cuda_compiled);
+  m.def("cuda_device_count", &mc::cuda::device_count);
+  m.def("cuda_compiled", &mc::cuda::compiled);
 }

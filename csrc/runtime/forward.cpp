@@ -112,23 +112,8 @@ void ForwardPass::run(const StepBatch& batch, float* logits) {
   kv.n_entries = S;
   kv.max_blocks = batch.max_blocks;
   kv.layout = layout_;
-  kv.n_tokens = static_cast<int32_t>(T);
-  kv.n_decode = batch.n_decode;
-  int32_t max_query_len = 0;
-  int64_t max_context = 0;
-  for (int32_t e = 0; e < S; ++e) {
-    const int32_t n = batch.cu_seqlens[e + 1] - batch.cu_seqlens[e];
-    const int64_t end = batch.start_pos[e] + n;
-    const int64_t keys = layout_.window > 0 ? std::min(layout_.window, end) : end;
-    max_query_len = std::max(max_query_len, n);
-    max_context = std::max(max_context, keys);
-    if (e < batch.n_decode) {
-      kv.decode_max_context = std::max(kv.decode_max_context, keys);
-    } else {
-      kv.prefill_max_query_len = std::max(kv.prefill_max_query_len, n);
-      kv.prefill_max_context = std::max(kv.prefill_max_context, keys);
-    }
-  }
+  kv.plan_from_host(batch.cu_seqlens.data(), batch.start_pos.data());
+  if (kv.n_decode != batch.n_decode) fail(ErrorKind::kInvalidRequest, "decode entries must come first in a pass");
 
   auto* x = static_cast<float*>(ws_.residual.get());  // [T, D] f32 residual stream
   void* h = ws_.hidden.get();
@@ -178,8 +163,8 @@ void ForwardPass::run(const StepBatch& batch, float* logits) {
   at.scale = attention_scale(config_.head_dim);
   attention.dtype = act_;
   attention.n_tokens = static_cast<int32_t>(T);
-  attention.max_query_len = max_query_len;
-  attention.max_context = max_context;
+  attention.max_query_len = kv.max_query_len();
+  attention.max_context = kv.max_context();
   attention.workspace = ws_.attention_scratch.get();
 
   KvAppendParams append;

@@ -1,11 +1,12 @@
 """Single ops of the CPU and CUDA backends, for backend-comparison tests and benchmarks.
 
-Every function dispatches on its tensors' device: CPU float32 tensors run the CPU reference op
-(csrc/cpu), CUDA bfloat16/float16 tensors run the CUDA kernel (csrc/cuda) on the current
-stream of the tensors' device, without synchronizing. Arguments are checked here (a TypeError
-for a wrong type or dtype, a ValueError for a wrong device, shape or layout, naming the
-argument) before any data pointer is taken; the bindings in csrc/python/bind_ops.cpp trust them.
-Checks of index values (ids, rows, cu_seqlens) read them on the host, which syncs on CUDA.
+Not part of the user-facing API. Every function runs one op of the backend op table
+(csrc/core/backend.h) that the runtime's forward pass calls, chosen by its tensors' device: CPU
+float32 tensors run the CPU backend, CUDA bfloat16/float16 tensors the CUDA backend (which is
+synchronized with torch before and after the op). Arguments are checked here (a TypeError for a
+wrong type or dtype, a ValueError for a wrong device, shape or layout, naming the argument)
+before the tensors reach the bindings (csrc/python/bind_ops.cpp), which trust them. Checks of
+index values (ids, rows, cu_seqlens) read them on the host, which syncs on CUDA.
 
 Shapes: T = tokens, D = dim, V = vocab, R = selected rows, H / KVH = query / key-value heads,
 Dh = head_dim, F = FFN width, E = entries (sequences) of a step, MB = block-table width,
@@ -14,9 +15,8 @@ NB = blocks in a pool, B = block_size, W = sliding window (0 = full attention), 
 
 from __future__ import annotations
 
-import contextlib
 import numbers
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -24,22 +24,40 @@ from mistral_cuda import _C
 from mistral_cuda.cuda_libs import preload_cublas
 
 _ops = _C.ops
-_HALF_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_HALF = (torch.bfloat16, torch.float16)
+_BACKENDS = {}
 
 __all__ = [
     "embedding",
     "kv_append",
     "linear",
-    "moe_experts",
     "moe_ffn",
     "moe_route",
     "paged_attention",
+    "qkv_rope",
     "ring_blocks_for",
     "rms_norm",
-    "rope",
     "rope_inv_freq",
     "silu_mul",
 ]
+
+
+def _run(op: str, t: torch.Tensor, *args, **kwargs) -> None:
+    """Runs backend op `op` on the backend of t's device."""
+    device = t.device.type
+    if device not in _BACKENDS:
+        if device == "cuda":
+            preload_cublas()
+        _BACKENDS[device] = _ops.Backend(device)
+    backend = _BACKENDS[device]
+    if device == "cuda":
+        # The backend runs on its own stream: torch's work on these tensors must be done first.
+        with torch.cuda.device(t.device):
+            torch.cuda.synchronize()
+            getattr(backend, op)(*args, **kwargs)
+            backend.synchronize()
+    else:
+        getattr(backend, op)(*args, **kwargs)
 
 
 # ---- argument checks ----
@@ -60,7 +78,7 @@ def _backend(name: str, t: torch.Tensor) -> bool:
             raise TypeError(f"{name}: CPU ops take float32 tensors, got {t.dtype}")
         return False
     if t.device.type == "cuda":
-        if t.dtype not in _HALF_NAMES:
+        if t.dtype not in _HALF:
             raise TypeError(f"{name}: CUDA ops take bfloat16 or float16 tensors, got {t.dtype}")
         if not _ops.has_cuda:
             raise _C.UnsupportedError("this build of mistral_cuda has no CUDA backend")
@@ -106,20 +124,12 @@ def _check_indices(name: str, t: torch.Tensor, low: int, high: int) -> None:
         raise ValueError(f"{name} values must be in [{low}, {high}), got [{int(t.min())}, {int(t.max())}]")
 
 
-def _device_scope(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
 # ---- shared tables ----
 
 
 def ring_blocks_for(window: int, block_size: int) -> int:
     """Block-table entries a sequence keeps under sliding window W: ceil(W / B) + 1 (0 for W = 0)."""
-    return _ops.kv_ring_blocks(_int("window", window, 0), _int("block_size", block_size, 1))
+    return _ops.ring_blocks_for(_int("window", window, 0), _int("block_size", block_size, 1))
 
 
 def rope_inv_freq(head_dim: int, rope_theta: float) -> torch.Tensor:
@@ -134,7 +144,7 @@ def rope_inv_freq(head_dim: int, rope_theta: float) -> torch.Tensor:
 def embedding(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """out[t] = table[ids[t]]: table [V, D], ids int32 [T] -> float32 [T, D]."""
     _tensor("table", table, 2)
-    cuda = _backend("table", table)
+    _backend("table", table)
     V, D = table.shape
     _check("table", table, (V, D), table.dtype, table.device, "(V, D)")
     if V == 0 or D == 0:
@@ -143,12 +153,8 @@ def embedding(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     _check("ids", ids, (T,), torch.int32, table.device, "(T,)")
     _check_indices("ids", ids, 0, V)
     out = torch.empty(T, D, dtype=torch.float32, device=table.device)
-    if cuda:
-        with _device_scope(table):
-            _ops.cuda_embedding(table=table.data_ptr(), ids=ids.data_ptr(), out=out.data_ptr(), n_tokens=T, dim=D,
-                                dtype=_HALF_NAMES[table.dtype], stream=_stream(table))
-    else:
-        _ops.cpu_embedding(table=table.data_ptr(), ids=ids.data_ptr(), out=out.data_ptr(), n_tokens=T, dim=D)
+    if T:
+        _run("embedding", table, table, ids, out)
     return out
 
 
@@ -167,7 +173,7 @@ def rms_norm(
     weight's dtype (rows None = every row).
     """
     _tensor("weight", weight, 1)
-    cuda = _backend("weight", weight)
+    _backend("weight", weight)
     D = weight.shape[0]
     if D == 0:
         raise ValueError("weight must be non-empty")
@@ -184,72 +190,52 @@ def rms_norm(
         _check("rows", rows, (R,), torch.int32, device, "(R,)")
         _check_indices("rows", rows, 0, T)
     out = torch.empty(R, D, dtype=weight.dtype, device=device)
-    if cuda:
-        with _device_scope(weight):
-            _ops.cuda_rms_norm(residual=residual.data_ptr(), delta=0 if delta is None else delta.data_ptr(),
-                               weight=weight.data_ptr(), out=out.data_ptr(),
-                               rows=0 if rows is None else rows.data_ptr(), n_tokens=T, n_rows=R, dim=D, eps=eps,
-                               dtype=_HALF_NAMES[weight.dtype], stream=_stream(weight))
-        return out
-    # The CPU backend's sequence: add the delta, gather the selected rows, normalize them.
-    if delta is not None:
-        _ops.cpu_add_inplace(x=residual.data_ptr(), y=delta.data_ptr(), count=T * D)
-    x = residual if rows is None else residual.index_select(0, rows.long())  # [R, D]
-    _ops.cpu_rms_norm(x=x.data_ptr(), weight=weight.data_ptr(), out=out.data_ptr(), n_rows=R, dim=D, eps=eps)
+    if T:
+        _run("rms_norm", weight, residual, weight, out, delta=delta, rows=rows, eps=eps)
     return out
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, rope_theta: float) -> None:
-    """Half-rotation RoPE in place: q [T, H, Dh], k [T, KVH, Dh], positions int64 [T].
-
-    Pair (i, i + Dh/2) of token t turns by float32(positions[t]) * inv_freq[i], inv_freq the
-    backends' own table (rope_inv_freq).
+def qkv_rope(
+    qkv: torch.Tensor, positions: torch.Tensor, n_heads: int, n_kv_heads: int, rope_theta: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Splits the fused projection qkv [T, (H + 2 KVH) * Dh] into q [T, H, Dh], k [T, KVH, Dh]
+    and v [T, KVH, Dh], with half-rotation RoPE applied to q and k: pair (i, i + Dh/2) of token t
+    turns by float32(positions[t]) * inv_freq[i], inv_freq the backends' own table
+    (rope_inv_freq). positions int64 [T].
     """
-    _tensor("q", q, 3)
-    cuda = _backend("q", q)
-    T, H, Dh = q.shape
-    _check("q", q, (T, H, Dh), q.dtype, q.device, "(T, H, Dh)")
-    if H == 0 or Dh == 0 or Dh % 2:
-        raise ValueError(f"q needs heads and an even, non-zero head_dim, got shape {tuple(q.shape)}")
-    KVH = _tensor("k", k, 3).shape[1]
-    _check("k", k, (T, KVH, Dh), q.dtype, q.device, "(T, KVH, Dh)")
-    if KVH == 0:
-        raise ValueError("k needs at least one head")
-    _check("positions", positions, (T,), torch.int64, q.device, "(T,)")
-    inv_freq = rope_inv_freq(Dh, rope_theta).to(q.device)  # [Dh/2]
-    if cuda:
-        with _device_scope(q):
-            _ops.cuda_rope(q=q.data_ptr(), k=k.data_ptr(), positions=positions.data_ptr(),
-                           inv_freq=inv_freq.data_ptr(), n_tokens=T, n_heads=H, n_kv_heads=KVH, head_dim=Dh,
-                           dtype=_HALF_NAMES[q.dtype], stream=_stream(q))
-        return
-    half = Dh // 2
-    cos = torch.empty(T, half, dtype=torch.float32)
-    sin = torch.empty(T, half, dtype=torch.float32)
-    _ops.cpu_rope_tables(positions=positions.data_ptr(), inv_freq=inv_freq.data_ptr(), n_tokens=T, half=half,
-                         cos=cos.data_ptr(), sin=sin.data_ptr())
-    _ops.cpu_rope(x=q.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(), n_tokens=T, heads=H, head_dim=Dh)
-    _ops.cpu_rope(x=k.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(), n_tokens=T, heads=KVH, head_dim=Dh)
+    _tensor("qkv", qkv, 2)
+    _backend("qkv", qkv)
+    H = _int("n_heads", n_heads, 1)
+    KVH = _int("n_kv_heads", n_kv_heads, 1)
+    T, width = qkv.shape
+    if width % (H + 2 * KVH):
+        raise ValueError(f"qkv's width {width} is not a multiple of H + 2 KVH = {H + 2 * KVH}")
+    Dh = width // (H + 2 * KVH)
+    if Dh == 0 or Dh % 2:
+        raise ValueError(f"head_dim must be even and non-zero, got {Dh}")
+    _check("qkv", qkv, (T, width), qkv.dtype, qkv.device, "(T, (H + 2 KVH) * Dh)")
+    _check("positions", positions, (T,), torch.int64, qkv.device, "(T,)")
+    inv_freq = rope_inv_freq(Dh, rope_theta).to(qkv.device)  # [Dh/2]
+    q = torch.empty(T, H, Dh, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(T, KVH, Dh, dtype=qkv.dtype, device=qkv.device)
+    v = torch.empty(T, KVH, Dh, dtype=qkv.dtype, device=qkv.device)
+    if T:
+        _run("qkv_rope", qkv, qkv, q, k, v, positions, inv_freq)
+    return q, k, v
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """out[t, i] = silu(gate_up[t, i]) * gate_up[t, F + i]: gate_up [T, 2F] -> [T, F]."""
     _tensor("gate_up", gate_up, 2)
-    cuda = _backend("gate_up", gate_up)
+    _backend("gate_up", gate_up)
     T, F2 = gate_up.shape
     _check("gate_up", gate_up, (T, F2), gate_up.dtype, gate_up.device, "(T, 2F)")
     if F2 == 0 or F2 % 2:
         raise ValueError(f"gate_up's last dimension must be even and non-zero, got {F2}")
     F = F2 // 2
     out = torch.empty(T, F, dtype=gate_up.dtype, device=gate_up.device)
-    if cuda:
-        with _device_scope(gate_up):
-            _ops.cuda_silu_mul(gate_up=gate_up.data_ptr(), out=out.data_ptr(), n_tokens=T, hidden=F,
-                               dtype=_HALF_NAMES[gate_up.dtype], stream=_stream(gate_up))
-        return out
-    gate = gate_up[:, :F].contiguous()  # [T, F]
-    up = gate_up[:, F:].contiguous()  # [T, F]
-    _ops.cpu_silu_mul(gate=gate.data_ptr(), up=up.data_ptr(), out=out.data_ptr(), count=T * F)
+    if T:
+        _run("silu_mul", gate_up, gate_up, out)
     return out
 
 
@@ -289,11 +275,12 @@ class _Step:
         self.lengths, self.ends = lengths, starts + lengths  # [E]
         self.tensors = (k_new, v_new, k_pool, v_pool, block_tables, cu_seqlens, start_pos)
 
-    def pointers(self) -> dict:
-        k, v, k_pool, v_pool, block_tables, cu_seqlens, start_pos = self.tensors
-        return dict(k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr(), block_tables=block_tables.data_ptr(),
-                    cu_seqlens=cu_seqlens.data_ptr(), start_pos=start_pos.data_ptr(), n_entries=self.E,
-                    max_blocks=self.MB, head_dim=self.Dh, block_size=self.block_size, window=self.window)
+    def paged_kv(self):
+        """The op's PagedKv view; host copies of cu_seqlens and start_pos plan the kernels."""
+        _, _, _, _, block_tables, cu_seqlens, start_pos = self.tensors
+        cu, starts = cu_seqlens.cpu(), start_pos.cpu()
+        return _ops.PagedKv(block_tables, cu_seqlens, start_pos, self.block_size, self.window, cu.tolist(),
+                            starts.tolist())
 
 
 def kv_append(
@@ -314,13 +301,8 @@ def kv_append(
     last W positions of each entry are written under a window W (0 = full attention: all).
     """
     step = _Step(("k", "v"), k, v, k_pool, v_pool, block_tables, cu_seqlens, start_pos, block_size, window)
-    args = step.pointers()
-    if step.cuda:
-        with _device_scope(k):
-            _ops.cuda_kv_append(k=k.data_ptr(), v=v.data_ptr(), n_tokens=step.T, n_kv_heads=step.KVH,
-                                dtype=_HALF_NAMES[k.dtype], stream=_stream(k), **args)
-    else:
-        _ops.cpu_kv_append(k=k.data_ptr(), v=v.data_ptr(), n_kv_heads=step.KVH, **args)
+    if step.T:
+        _run("kv_append", k, k, v, k_pool, v_pool, step.paged_kv())
 
 
 def paged_attention(
@@ -349,26 +331,13 @@ def paged_attention(
     out = torch.empty_like(q)
     if step.T == 0:
         return out
-    args = step.pointers()
-    if not step.cuda:
-        _ops.cpu_paged_attention(q=q.data_ptr(), k_new=k_new.data_ptr(), v_new=v_new.data_ptr(), out=out.data_ptr(),
-                                 n_heads=H, n_kv_heads=step.KVH, **args)
-        return out
-    # Host-side bounds for the kernel's plan: longest query chunk, most keys any query sees.
-    visible = step.ends.clamp(max=step.window) if step.window else step.ends
-    visible = torch.where(step.lengths > 0, visible, torch.zeros_like(visible))
-    with _device_scope(q):
-        params = _ops.cuda_attention_params(
-            q=q.data_ptr(), k_new=k_new.data_ptr(), v_new=v_new.data_ptr(), out=out.data_ptr(), n_tokens=step.T,
-            n_heads=H, n_kv_heads=step.KVH, max_query_len=int(step.lengths.max()), max_context=int(visible.max()),
-            dtype=_HALF_NAMES[q.dtype], **args)
-        workspace = torch.empty(_ops.cuda_attention_workspace_bytes(params), dtype=torch.uint8, device=q.device)
-        _ops.cuda_paged_attention(params, workspace.data_ptr() if workspace.numel() else 0, _stream(q))
+    _run("attention", q, q, k_new, v_new, k_pool, v_pool, step.paged_kv(), out)
     return out
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """y = x · wᵀ: x [T, K], w [N, K] -> [T, N] (CPU: cpu::matmul in float32; CUDA: cuBLAS).
+    """y = x · wᵀ: x [T, K], w [N, K] -> [T, N] (CPU: float32 x, w float32/bfloat16/float16;
+    CUDA: cuBLAS, w in x's dtype).
 
     out_dtype: None = x's dtype; on CUDA also torch.float32 (logits).
     """
@@ -377,7 +346,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = 
     T, K = x.shape
     _check("x", x, (T, K), x.dtype, x.device, "(T, K)")
     N = _tensor("w", w, 2).shape[0]
-    _check("w", w, (N, K), x.dtype, x.device, "(N, K)")
+    w_dtype = w.dtype if not cuda and w.dtype in (torch.float32,) + _HALF else x.dtype
+    _check("w", w, (N, K), w_dtype, x.device, "(N, K)")
     if out_dtype is None:
         out_dtype = x.dtype
     if not isinstance(out_dtype, torch.dtype):
@@ -390,14 +360,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, out_dtype: Optional[torch.dtype] = 
         return y
     if K == 0:
         return y.zero_()
-    if not cuda:
-        _ops.cpu_matmul(x=x.data_ptr(), w=w.data_ptr(), y=y.data_ptr(), n_tokens=T, n=N, k=K)
-        return y
-    preload_cublas()
-    names = {**_HALF_NAMES, torch.float32: "float32"}
-    with _device_scope(x):
-        _ops.cuda_linear(x=x.data_ptr(), w=w.data_ptr(), y=y.data_ptr(), n_tokens=T, n=N, k=K,
-                         in_dtype=names[x.dtype], out_dtype=names[out_dtype], stream=_stream(x))
+    _run("linear", x, x, w, y)
     return y
 
 
@@ -424,109 +387,48 @@ def _moe_top_k(top_k, n_experts: int) -> int:
     return K
 
 
-def _run_moe_experts(x, w13, w2, offsets, pairs, weights, residual, T, E, K, D, F) -> None:
-    dtype = _HALF_NAMES[x.dtype]
-    with _device_scope(x):
-        nbytes = _ops.cuda_moe_workspace_bytes(n_tokens=T, n_experts=E, top_k=K, dim=D, hidden=F, dtype=dtype)
-        workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)  # act [P, F]
-        _ops.cuda_moe_experts(x=x.data_ptr(), w13=w13.data_ptr(), w2=w2.data_ptr(), expert_offsets=offsets.data_ptr(),
-                              sorted_pairs=pairs.data_ptr(), weights=weights.data_ptr(), residual=residual.data_ptr(),
-                              workspace=workspace.data_ptr() if nbytes else 0, n_tokens=T, n_experts=E, top_k=K,
-                              dim=D, hidden=F, dtype=dtype, stream=_stream(x))
-
-
 def moe_route(router_logits: torch.Tensor, top_k: int):
     """Mixtral routing of float32 router logits [T, E] -> (expert_ids int32 [T, K], weights float32
-    [T, K], expert_offsets int32 [E + 1], sorted_pairs int32 [T * K]) on the logits' device.
+    [T, K], expert_offsets int32 [E + 1], sorted_pairs int32 [T * K]) on the logits' device: the
+    routing step of the backend's moe op.
 
     Token t's experts are its K largest logits (ties to the lower expert index), its weights the
     softmax over those K logits. Expert e's pairs are sorted_pairs[offsets[e] : offsets[e + 1]],
-    ascending. CPU: the CPU backend's routing; CUDA: one kernel, no sync (E <= 64, K <= 8).
+    ascending.
     """
     _tensor("router_logits", router_logits, 2)
     device = router_logits.device
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"router_logits is on {device}; moe_route runs on 'cpu' or 'cuda'")
+    if device.type == "cuda" and not _ops.has_cuda:
+        raise _C.UnsupportedError("this build of mistral_cuda has no CUDA backend")
     T, E = router_logits.shape
     _check("router_logits", router_logits, (T, E), torch.float32, device, "(T, E)")
     if E == 0:
         raise ValueError("router_logits needs at least one expert column")
     K = _moe_top_k(top_k, E)
-    cuda = device.type == "cuda"
-    if cuda and not _ops.has_cuda:
-        raise _C.UnsupportedError("this build of mistral_cuda has no CUDA backend")
     ids = torch.empty(T, K, dtype=torch.int32, device=device)
     weights = torch.empty(T, K, dtype=torch.float32, device=device)
-    offsets = torch.empty(E + 1, dtype=torch.int32, device=device)
+    offsets = torch.zeros(E + 1, dtype=torch.int32, device=device)
     pairs = torch.empty(T * K, dtype=torch.int32, device=device)
-    args = dict(router_logits=router_logits.data_ptr(), expert_ids=ids.data_ptr(), weights=weights.data_ptr(),
-                expert_offsets=offsets.data_ptr(), sorted_pairs=pairs.data_ptr(), n_tokens=T, n_experts=E, top_k=K)
-    if cuda:
-        with _device_scope(router_logits):
-            _ops.cuda_moe_route(stream=_stream(router_logits), **args)
-    else:
-        _ops.cpu_moe_route(**args)
+    if T:
+        _run("moe_route", router_logits, router_logits, K, ids, weights, offsets, pairs)
     return ids, weights, offsets, pairs
-
-
-def moe_experts(
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    expert_offsets: torch.Tensor,
-    sorted_pairs: torch.Tensor,
-    weights: torch.Tensor,
-    residual: torch.Tensor,
-    top_k: int,
-) -> None:
-    """residual[t] += Σ_k weights[t, k] · w2_e(silu(w1_e x_t) * (w3_e x_t)) in place, e = the
-    experts of a routing from moe_route. CUDA only (on the CPU the whole layer is moe_ffn).
-
-    x [T, D], w13 [E, 2F, D] (rows 0..F-1 = w1, F..2F-1 = w3 of each expert), w2 [E, D, F], one
-    half dtype; expert_offsets int32 [E + 1], sorted_pairs int32 [T * K], weights float32 [T, K],
-    residual float32 [T, D]. The kernels take D and F multiples of 16. The routing's values are
-    checked on the host (a sync).
-    """
-    _tensor("x", x, 2)
-    if not _backend("x", x):
-        raise ValueError("moe_experts runs on CUDA tensors (bfloat16/float16); on the CPU use moe_ffn")
-    T, D, E, F = _moe_shapes(x, w13, w2)
-    K = _moe_top_k(top_k, E)
-    P = T * K
-    _check("expert_offsets", expert_offsets, (E + 1,), torch.int32, x.device, "(E + 1,)")
-    _check("sorted_pairs", sorted_pairs, (P,), torch.int32, x.device, "(T * K,)")
-    _check("weights", weights, (T, K), torch.float32, x.device, "(T, K)")
-    _check("residual", residual, (T, D), torch.float32, x.device, "(T, D)")
-    off = expert_offsets.cpu()
-    if int(off[0]) != 0 or int(off[-1]) != P or bool((off[1:] < off[:-1]).any()):
-        raise ValueError(f"expert_offsets must rise from 0 to T * K = {P}, got {off.tolist()}")
-    _check_indices("sorted_pairs", sorted_pairs, 0, P)
-    if T == 0:
-        return
-    _run_moe_experts(x, w13, w2, expert_offsets, sorted_pairs, weights, residual, T, E, K, D, F)
 
 
 def moe_ffn(x: torch.Tensor, router: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int) -> torch.Tensor:
     """Mixtral's sparse MoE FFN -> y float32 [T, D]: y[t] = Σ_k weight[t, k] · w2_e(silu(w1_e x_t) *
     (w3_e x_t)) over token t's top_k experts e, routed by the logits x · routerᵀ (moe_route).
 
-    x [T, D], router [E, D], w13 [E, 2F, D] (rows 0..F-1 = w1, F..2F-1 = w3), w2 [E, D, F].
-    CPU float32: cpu::moe_ffn. CUDA bfloat16/float16: float32 router logits (linear), moe_route,
-    then the expert kernels adding into a zeroed float32 buffer; no sync.
+    x [T, D], router [E, D], w13 [E, 2F, D] (rows 0..F-1 = w1, F..2F-1 = w3), w2 [E, D, F]: the
+    backend's moe op, adding into a zeroed float32 residual.
     """
     _tensor("x", x, 2)
-    cuda = _backend("x", x)
+    _backend("x", x)
     T, D, E, F = _moe_shapes(x, w13, w2)
     _check("router", router, (E, D), x.dtype, x.device, "(E, D)")
     K = _moe_top_k(top_k, E)
     y = torch.zeros(T, D, dtype=torch.float32, device=x.device)
-    if T == 0:
-        return y
-    if not cuda:
-        _ops.cpu_moe_ffn(x=x.data_ptr(), router=router.data_ptr(), w13=w13.data_ptr(), w2=w2.data_ptr(),
-                         y=y.data_ptr(), n_tokens=T, dim=D, hidden=F, n_experts=E, top_k=K)
-        return y
-    logits = linear(x, router, out_dtype=torch.float32)  # [T, E]
-    _, weights, offsets, pairs = moe_route(logits, K)
-    _run_moe_experts(x, w13, w2, offsets, pairs, weights, y, T, E, K, D, F)
+    if T:
+        _run("moe", x, x, router, w13, w2, y, K)
     return y
