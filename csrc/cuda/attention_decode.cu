@@ -47,12 +47,12 @@ __global__ void __launch_bounds__(kThreads)
   const int32_t kv_head = blockIdx.y;
   const int32_t split = blockIdx.z;
   const int32_t n_splits = gridDim.z;
-  const int32_t token = p.cu_seqlens[entry];
-  if (p.cu_seqlens[entry + 1] == token) return;  // entry with no new token in this step
+  const int32_t token = p.kv.cu_seqlens[entry];
+  if (p.kv.cu_seqlens[entry + 1] == token) return;  // entry with no new token in this step
 
   // The single query sits at q_pos = start; it sees keys first .. q_pos (q_pos itself in k_new).
-  const int64_t q_pos = p.start_pos[entry];
-  const int64_t first = p.layout.first_visible(q_pos);
+  const int64_t q_pos = p.kv.start_pos[entry];
+  const int64_t first = p.kv.layout.first_visible(q_pos);
   const int64_t n_keys = q_pos - first + 1;
   // Split s covers [first + s * chunk, +chunk) clipped to q_pos; chunk is a multiple of the
   // iteration so that only the last iteration of a split has out-of-range keys. Worked example:
@@ -239,9 +239,9 @@ __global__ void merge_splits(const DecodeWorkspace ws, T* __restrict__ out, int3
 }
 
 template <typename T, int kHeadDim, int kGroup>
-void launch(const CudaAttentionParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
-  const AttentionParamsT<T> tp = typed_params<T>(p.tensors);
-  const dim3 grid(tp.n_entries, tp.n_kv_heads, ws.n_splits);
+void launch(const AttentionParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
+  const AttentionParamsT<T> tp = typed<T>(p.tensors);
+  const dim3 grid(tp.kv.n_entries, tp.n_kv_heads, ws.n_splits);
   decode_kernel<T, kHeadDim, kGroup><<<grid, kThreads, 0, stream>>>(tp, ws);
   MC_CUDA_CHECK_LAUNCH();
   if (ws.n_splits > 1) {
@@ -251,7 +251,7 @@ void launch(const CudaAttentionParams& p, const DecodeWorkspace& ws, cudaStream_
 }
 
 template <typename T, int kHeadDim>
-void launch_for_group(const CudaAttentionParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
+void launch_for_group(const AttentionParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
   switch (p.tensors.n_heads / p.tensors.n_kv_heads) {
     case 1: return launch<T, kHeadDim, 1>(p, ws, stream);
     case 2: return launch<T, kHeadDim, 2>(p, ws, stream);
@@ -268,7 +268,7 @@ void launch_for_group(const CudaAttentionParams& p, const DecodeWorkspace& ws, c
 
 // dispatch_half's callback: the dtype picks T, head_dim and the group pick the instance.
 struct DecodeLauncher {
-  const CudaAttentionParams& p;
+  const AttentionParams& p;
   const DecodeWorkspace& ws;
   cudaStream_t stream;
 
@@ -284,7 +284,7 @@ struct DecodeLauncher {
 
 }  // namespace
 
-void launch_decode(const CudaAttentionParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
+void launch_decode(const AttentionParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
   dispatch_half(p.dtype, DecodeLauncher{p, ws, stream});
 }
 

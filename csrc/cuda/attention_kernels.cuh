@@ -24,36 +24,15 @@ struct DecodeWorkspace {
   int32_t n_splits = 1;          // 1: the decode kernel writes p.out directly, no scratch
 };
 
-// Decode: every entry has at most one new token; group <= kDecodeMaxGroup.
-void launch_decode(const CudaAttentionParams& p, const DecodeWorkspace& ws, cudaStream_t stream);
-// Any mix of chunk lengths; group <= kPrefillMaxGroup.
-void launch_prefill(const CudaAttentionParams& p, cudaStream_t stream);
-
-// The type-erased tensors of `p` with their element type restored.
-template <typename T>
-AttentionParamsT<T> typed_params(const AttentionParamsT<void>& t) {
-  AttentionParamsT<T> out;
-  out.q = static_cast<const T*>(t.q);
-  out.k_new = static_cast<const T*>(t.k_new);
-  out.v_new = static_cast<const T*>(t.v_new);
-  out.k_pool = static_cast<const T*>(t.k_pool);
-  out.v_pool = static_cast<const T*>(t.v_pool);
-  out.block_tables = t.block_tables;
-  out.cu_seqlens = t.cu_seqlens;
-  out.start_pos = t.start_pos;
-  out.out = static_cast<T*>(t.out);
-  out.n_entries = t.n_entries;
-  out.max_blocks = t.max_blocks;
-  out.n_heads = t.n_heads;
-  out.n_kv_heads = t.n_kv_heads;
-  out.head_dim = t.head_dim;
-  out.scale = t.scale;
-  out.layout = t.layout;
-  return out;
-}
+// Decode: every entry of p.tensors.kv has at most one new token, in rows 0 .. p.n_tokens - 1;
+// group <= kDecodeMaxGroup.
+void launch_decode(const AttentionParams& p, const DecodeWorkspace& ws, cudaStream_t stream);
+// Any mix of chunk lengths up to p.max_query_len; group <= kPrefillMaxGroup.
+void launch_prefill(const AttentionParams& p, cudaStream_t stream);
 
 // Where one entry's K/V rows of one kv head live: keys at positions >= start are this step's
 // (k_new/v_new, [T, KVH, Dh]), older ones are cached (pools, [num_blocks * block_size, KVH, Dh]).
+// The entry index is relative to p.kv (a decode or prefill part of the step).
 template <typename T>
 struct KvRows {
   const T* k_new;
@@ -72,21 +51,19 @@ struct KvRows {
         v_new(p.v_new),
         k_pool(p.k_pool),
         v_pool(p.v_pool),
-        table(p.block_tables + static_cast<int64_t>(entry) * p.max_blocks),
-        layout(p.layout),
-        start(p.start_pos[entry]),
-        first_token(p.cu_seqlens[entry]),
+        table(p.kv.block_tables + static_cast<int64_t>(entry) * p.kv.max_blocks),
+        layout(p.kv.layout),
+        start(p.kv.start_pos[entry]),
+        first_token(p.kv.cu_seqlens[entry]),
         row_elems(static_cast<int64_t>(p.n_kv_heads) * p.head_dim),
         head_elems(static_cast<int64_t>(kv_head) * p.head_dim + column) {}
 
-  // K and V addresses of position `pos`. Worked example: start=10, first_token=3, pos=12 ->
-  // k_new row 3 + 2 = 5; pos=4 with block_size 4 -> pool row table[1] * 4 + 0.
+  // K and V addresses of position `pos` (the row kv_row() of core/kv_layout.h names).
   __device__ __forceinline__ void at(int64_t pos, const T*& k, const T*& v) const {
-    const bool fresh = pos >= start;
-    const int64_t row = fresh ? first_token + (pos - start) : layout.pool_row(table, pos);
-    const int64_t offset = row * row_elems + head_elems;
-    k = (fresh ? k_new : k_pool) + offset;
-    v = (fresh ? v_new : v_pool) + offset;
+    const KvRow where = kv_row(layout, table, start, first_token, pos);
+    const int64_t offset = where.row * row_elems + head_elems;
+    k = (where.fresh ? k_new : k_pool) + offset;
+    v = (where.fresh ? v_new : v_pool) + offset;
   }
 };
 

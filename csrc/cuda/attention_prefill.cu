@@ -86,15 +86,15 @@ __global__ void __launch_bounds__(kThreads)
   // Later tiles of a chunk see more keys: schedule them first.
   const int32_t q_tile = n_q_tiles - 1 - static_cast<int32_t>(blockIdx.x % n_q_tiles);
   const int32_t kv_head = blockIdx.y;
-  const int32_t token0 = p.cu_seqlens[entry];
-  const int32_t n_q = p.cu_seqlens[entry + 1] - token0;
+  const int32_t token0 = p.kv.cu_seqlens[entry];
+  const int32_t n_q = p.kv.cu_seqlens[entry + 1] - token0;
   const int32_t i0 = q_tile * tokens_per_tile;
   if (i0 >= n_q) return;
   const int32_t i_last = min(i0 + tokens_per_tile, n_q) - 1;
-  const int64_t start = p.start_pos[entry];
+  const int64_t start = p.kv.start_pos[entry];
   // Keys visible to some row: first_visible is monotonic in q_pos, and each row's range ends at
   // its own position, so the union is first_visible(start + i0) .. start + i_last, gap-free.
-  const int64_t kv_lo = p.layout.first_visible(start + i0);
+  const int64_t kv_lo = p.kv.layout.first_visible(start + i0);
   const int64_t kv_hi = start + i_last;
   const int32_t n_tiles = static_cast<int32_t>((kv_hi - kv_lo) / kBlockN + 1);
 
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kThreads)
   const int r = lane % 16;
   const int h = lane / 16;
   const int64_t q_pos = start + row_token(warp * 16 + r);
-  const int64_t first = p.layout.first_visible(q_pos);
+  const int64_t first = p.kv.layout.first_visible(q_pos);
   const float score_scale = p.scale * kLog2e;
   float m = -INFINITY;  // running max of row r (exp2 domain)
   float l = 0.0f;       // running sum of row r
@@ -280,8 +280,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T, int kHeadDim>
-void launch(const CudaAttentionParams& p, cudaStream_t stream) {
-  const AttentionParamsT<T> tp = typed_params<T>(p.tensors);
+void launch(const AttentionParams& p, cudaStream_t stream) {
+  const AttentionParamsT<T> tp = typed<T>(p.tensors);
   const int32_t tokens_per_tile = kBlockM / (tp.n_heads / tp.n_kv_heads);
   const int32_t n_q_tiles = static_cast<int32_t>(ceil_div(p.max_query_len, tokens_per_tile));
   constexpr size_t kSmemBytes = PrefillSmem<kHeadDim>::kBytes;
@@ -292,14 +292,14 @@ void launch(const CudaAttentionParams& p, cudaStream_t stream) {
     return true;
   }();
   (void)configured;
-  const dim3 grid(static_cast<unsigned>(n_q_tiles) * static_cast<unsigned>(tp.n_entries), tp.n_kv_heads);
+  const dim3 grid(static_cast<unsigned>(n_q_tiles) * static_cast<unsigned>(tp.kv.n_entries), tp.n_kv_heads);
   prefill_kernel<T, kHeadDim><<<grid, kThreads, kSmemBytes, stream>>>(tp, n_q_tiles);
   MC_CUDA_CHECK_LAUNCH();
 }
 
 // dispatch_half's callback: the dtype picks T, head_dim the instance.
 struct PrefillLauncher {
-  const CudaAttentionParams& p;
+  const AttentionParams& p;
   cudaStream_t stream;
 
   template <typename T>
@@ -314,7 +314,7 @@ struct PrefillLauncher {
 
 }  // namespace
 
-void launch_prefill(const CudaAttentionParams& p, cudaStream_t stream) {
+void launch_prefill(const AttentionParams& p, cudaStream_t stream) {
   dispatch_half(p.dtype, PrefillLauncher{p, stream});
 }
 

@@ -1,13 +1,13 @@
-// The CUDA backend: bf16/f16 weights and activations, f32 residual stream and accumulation,
-// cuBLAS for the projections, our kernels for everything else. Shapes: T = tokens of the step,
-// R = rows whose logits are returned, D = dim, F = FFN width, V = vocab.
+// The CUDA backend: the op table of core/backend.h on one device and one stream. bf16/f16
+// weights and activations, f32 residual stream and accumulation, cuBLAS for the projections,
+// our kernels for everything else. The layer loop that calls these ops is runtime/forward.cpp.
+#include "cuda/cuda_backend.h"
+
 #include <algorithm>
-#include <cmath>
-#include <cstring>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
-#include "core/backend.h"
 #include "core/random.h"
 #include "cuda/attention.cuh"
 #include "cuda/common.cuh"
@@ -16,396 +16,293 @@
 #include "cuda/moe.cuh"
 #include "cuda/weights.cuh"
 
-namespace mc {
-namespace cuda {
+namespace mc::cuda {
 namespace {
 
-// Device memory owned through a shared_ptr, so a Tensor (core/tensor.h) can hold it.
-std::shared_ptr<void> device_alloc(size_t bytes) {
-  void* ptr = nullptr;
-  cudaError_t status = cudaMalloc(&ptr, std::max<size_t>(bytes, 1));
-  if (status != cudaSuccess) {
-    cudaGetLastError();
-    fail(ErrorKind::kOutOfMemory, "cudaMalloc of ", bytes, " bytes failed: ", cudaGetErrorString(status));
-  }
-  return std::shared_ptr<void>(ptr, [](void* p) { cudaFree(p); });
+void require_half(DType dtype, const char* what) {
+  if (dtype == DType::kF32)
+    fail(ErrorKind::kUnsupported, "CUDA ", what, ": the CUDA backend computes in bfloat16 or float16, not float32");
 }
 
-Tensor device_tensor(DType dtype, std::vector<int64_t> shape) {
-  Tensor tensor = Tensor::view(nullptr, dtype, std::move(shape));
-  tensor.storage = device_alloc(tensor.nbytes());
-  tensor.data = tensor.storage.get();
-  return tensor;
+// A weight the kernels read as elements of the activation dtype.
+void require_format(const WeightRef& w, DType act, const char* what) {
+  if (dtype_of(w.format) != act)
+    fail(ErrorKind::kUnsupported, "CUDA ", what, ": weight format ", weight_format_name(w.format),
+         " with ", dtype_name(act), " activations (the CUDA backend takes weights in the activation dtype)");
 }
 
-// A grow-only device scratch buffer: per-step activations are reused across steps.
-class Scratch {
- public:
-  void* get(size_t bytes) {
-    if (bytes > bytes_) {
-      memory_ = device_alloc(bytes);
-      bytes_ = bytes;
-    }
-    return memory_.get();
+int current_device() {
+  int device = 0;
+  MC_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
+// Every tensor a ModelWeights can hold, in one fixed order; the LM head only when it is not
+// the embedding itself.
+std::vector<Tensor*> tensors_of(ModelWeights& w, bool tied) {
+  std::vector<Tensor*> tensors = {&w.tok_embeddings, &w.norm};
+  if (!tied) tensors.push_back(&w.output);
+  for (LayerWeights& layer : w.layers) {
+    for (Tensor* t : {&layer.attn_norm, &layer.wqkv, &layer.wo, &layer.ffn_norm, &layer.w13, &layer.w2, &layer.router})
+      tensors.push_back(t);
   }
-
- private:
-  std::shared_ptr<void> memory_;
-  size_t bytes_ = 0;
-};
-
-// Step metadata packed into one host buffer and sent with one copy; offsets are 16-aligned.
-class MetaPacker {
- public:
-  template <typename T>
-  size_t add(const std::vector<T>& values) {
-    size_t offset = (bytes_.size() + 15) / 16 * 16;
-    bytes_.resize(offset + values.size() * sizeof(T));
-    if (!values.empty()) std::memcpy(bytes_.data() + offset, values.data(), values.size() * sizeof(T));
-    return offset;
-  }
-  const std::vector<uint8_t>& bytes() const { return bytes_; }
-
- private:
-  std::vector<uint8_t> bytes_;
-};
+  return tensors;
+}
 
 class CudaBackend : public Backend {
  public:
-  explicit CudaBackend(const BackendInit& init);
-  ~CudaBackend() override;
-
-  void upload(const ModelWeights& host);
-  void randomize(uint64_t seed);
-  void forward(const StepBatch& batch, float* logits) override;
-
- private:
-  // Allocates every weight on the device; w1 and w3 share one [2F, D] buffer per layer so the
-  // gate and up projections run as one GEMM. MoE layers stack their experts: w13 [E, 2F, D] and
-  // w2 [E, D, F], the layout the MoE kernels read.
-  std::vector<WeightSlot> allocate_weights();
-  // Adds the layer's sparse-MoE FFN output of h [T, D] straight into the residual x.
-  void moe_ffn(const LayerWeights& layer, const void* h, float* x, int64_t T);
-  void linear(const void* x, const Tensor& w, void* y, int64_t T, DType out) {
-    gemm_.linear(x, w.data, y, T, w.shape[0], w.shape[1], dtype_, out, stream_);
-  }
-
-  ModelConfig config_;
-  KvLayout layout_;
-  DType dtype_;
-  ProgressFn progress_;
-  int device_ = 0;
-  cudaStream_t stream_ = nullptr;
-  Gemm gemm_;
-  ModelWeights weights_;            // device memory
-  std::vector<Tensor> k_pools_;     // per layer [num_blocks, block_size, KVH, Dh]
-  std::vector<Tensor> v_pools_;
-  Tensor inv_freq_;                 // [Dh / 2] f32
-  Scratch meta_, residual_, hidden_, q_, k_, v_, attn_, proj_, gate_up_, act_, rows_, logits_, workspace_;
-  Scratch router_logits_, expert_ids_, expert_weights_, expert_offsets_, sorted_pairs_, moe_workspace_;
-};
-
-CudaBackend::CudaBackend(const BackendInit& init)
-    : config_(init.config), layout_(init.layout), dtype_(init.dtype), progress_(init.progress) {
-  MC_CUDA_CHECK(cudaGetDevice(&device_));
-  MC_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  const int64_t half = config_.head_dim / 2;
-  std::vector<float> inv_freq = rope_inv_freq(config_.head_dim, config_.rope_theta);
-  inv_freq_ = device_tensor(DType::kF32, {half});
-  MC_CUDA_CHECK(cudaMemcpy(inv_freq_.data, inv_freq.data(), half * sizeof(float), cudaMemcpyHostToDevice));
-  for (int64_t l = 0; l < config_.n_layers; ++l) {
-    for (auto* pools : {&k_pools_, &v_pools_}) {
-      pools->push_back(device_tensor(dtype_, {init.num_blocks, layout_.block_size, config_.n_kv_heads, config_.head_dim}));
-      MC_CUDA_CHECK(cudaMemsetAsync(pools->back().data, 0, pools->back().nbytes(), stream_));
-    }
-  }
-}
-
-CudaBackend::~CudaBackend() {
-  if (stream_ != nullptr) {
+  CudaBackend() { MC_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
+  ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
     cudaStreamDestroy(stream_);
   }
-}
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
 
-std::vector<WeightSlot> CudaBackend::allocate_weights() {
-  std::vector<WeightSlot> slots = weight_slots(config_, weights_);
-  const int64_t F = config_.hidden_dim, D = config_.dim;
-  const size_t elem = dtype_size(dtype_);
-  // A view of `rows` x `cols` at element offset `offset` of `base`, sharing its memory.
-  auto view = [&](const Tensor& base, int64_t offset, int64_t rows, int64_t cols) {
-    Tensor tensor = Tensor::view(static_cast<uint8_t*>(base.data) + offset * elem, dtype_, {rows, cols});
-    tensor.storage = base.storage;
-    return tensor;
-  };
-  for (LayerWeights& layer : weights_.layers) {
-    if (!config_.is_moe()) {
-      Tensor w13 = device_tensor(dtype_, {2 * F, D});
-      layer.ffn.w1 = view(w13, 0, F, D);
-      layer.ffn.w3 = view(w13, F * D, F, D);
-      continue;
-    }
-    const int64_t E = config_.n_experts;
-    Tensor w13 = device_tensor(dtype_, {E, 2 * F, D});
-    Tensor w2 = device_tensor(dtype_, {E, D, F});
-    for (int64_t e = 0; e < E; ++e) {
-      layer.experts[e].w1 = view(w13, e * 2 * F * D, F, D);
-      layer.experts[e].w3 = view(w13, e * 2 * F * D + F * D, F, D);
-      layer.experts[e].w2 = view(w2, e * D * F, D, F);
-    }
+  const char* name() const override { return "cuda"; }
+  DType activation_dtype(DType weights) const override {
+    require_half(weights, "weights");
+    return weights;
   }
-  for (WeightSlot& slot : slots)
-    if (!slot.target->defined()) *slot.target = device_tensor(dtype_, slot.shape);
-  return slots;
-}
 
-void CudaBackend::upload(const ModelWeights& host) {
-  NvtxRange range("upload weights");
-  ModelWeights& host_view = const_cast<ModelWeights&>(host);  // only read: slots name the host tensors
-  std::vector<WeightSlot> sources = weight_slots(config_, host_view);
-  std::vector<WeightSlot> targets = allocate_weights();
+  // ---- memory ----
+  std::shared_ptr<void> allocate(size_t bytes) override {
+    std::shared_ptr<void> memory = device_alloc(bytes);
+    if (bytes > 0) MC_CUDA_CHECK(cudaMemsetAsync(memory.get(), 0, bytes, stream_));
+    MC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return memory;
+  }
+  std::shared_ptr<void> allocate_host(size_t bytes) override {
+    use_device();
+    void* ptr = nullptr;
+    const cudaError_t status = cudaMallocHost(&ptr, std::max<size_t>(bytes, 1));
+    if (status != cudaSuccess) {
+      cudaGetLastError();
+      fail(ErrorKind::kOutOfMemory, "cudaMallocHost of ", bytes, " bytes failed: ", cudaGetErrorString(status));
+    }
+    return std::shared_ptr<void>(ptr, [](void* p) { cudaFreeHost(p); });
+  }
+  void copy_to_device(void* device, const void* host, size_t bytes) override {
+    if (bytes == 0) return;
+    use_device();
+    MC_CUDA_CHECK(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream_));
+  }
+  void copy_to_host(void* host, const void* device, size_t bytes) override {
+    if (bytes == 0) return;
+    use_device();
+    MC_CUDA_CHECK(cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, stream_));
+  }
+  void synchronize() override { MC_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+  // ---- weights ----
+  ModelWeights place_weights(const ModelConfig& config, ModelWeights host, std::optional<DType> dtype,
+                             const ProgressFn& progress) override;
+  ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype) override;
+
+  // ---- scratch ----
+  size_t attention_workspace_bytes(const ModelConfig& config, const StepLimits& limits, DType act) override {
+    use_device();  // the decode planning asks the current device for its SM count
+    // The decode part of a step: at most max_entries single-token entries (so as many rows),
+    // at most max_context keys each.
+    AttentionParams p;
+    p.tensors.n_heads = static_cast<int32_t>(config.n_heads);
+    p.tensors.n_kv_heads = static_cast<int32_t>(config.n_kv_heads);
+    p.tensors.head_dim = static_cast<int32_t>(config.head_dim);
+    p.tensors.kv.n_entries = limits.max_entries;
+    p.dtype = act;
+    p.n_tokens = limits.max_entries;
+    p.max_query_len = 1;
+    p.max_context = limits.max_context;
+    return cuda::attention_workspace_bytes(p);
+  }
+  size_t moe_workspace_bytes(const ModelConfig& config, const StepLimits& limits, DType act) override {
+    if (!config.is_moe()) return 0;
+    MoeExpertsParams experts;
+    experts.n_tokens = limits.max_tokens;
+    experts.n_experts = static_cast<int32_t>(config.n_experts);
+    experts.top_k = static_cast<int32_t>(config.n_experts_per_tok);
+    experts.dim = config.dim;
+    experts.hidden = config.hidden_dim;
+    experts.dtype = act;
+    return moe_scratch(experts, nullptr).bytes;
+  }
+
+  // ---- ops ----
+  void embedding(const EmbeddingParams& p) override {
+    use_device();
+    cuda::embedding(p, stream_);
+  }
+  void rms_norm(const RmsNormParams& p) override {
+    use_device();
+    cuda::rms_norm(p, stream_);
+  }
+  void linear(const LinearParams& p) override {
+    use_device();
+    require_format(p.w, p.x_dtype, "linear");
+    if (p.w.count != 1)
+      fail(ErrorKind::kInvalidRequest, "CUDA linear: a stack of ", p.w.count, " matrices is not one weight");
+    NvtxRange range("linear");
+    gemm_.linear(p.x, p.w.data, p.y, p.n_tokens, p.w.rows, p.w.cols, p.x_dtype, p.y_dtype, stream_);
+  }
+  void qkv_rope(const QkvRopeParams& p) override {
+    use_device();
+    cuda::qkv_rope(p, stream_);
+  }
+  void attention(const AttentionParams& p) override {
+    use_device();
+    cuda::paged_attention(p, stream_);
+  }
+  void kv_append(const KvAppendParams& p) override {
+    use_device();
+    cuda::kv_append(p, stream_);
+  }
+  void silu_mul(const SiluMulParams& p) override {
+    use_device();
+    cuda::silu_mul(p, stream_);
+  }
+  void moe(const MoeParams& p) override;
+
+ private:
+  // The caller (torch, another engine) may switch the thread's current device between calls;
+  // the stream and the cuBLAS handle belong to device_.
+  void use_device() const { MC_CUDA_CHECK(cudaSetDevice(device_)); }
+
+  std::shared_ptr<void> device_alloc(size_t bytes) {
+    use_device();
+    void* ptr = nullptr;
+    const cudaError_t status = cudaMalloc(&ptr, std::max<size_t>(bytes, 1));
+    if (status != cudaSuccess) {
+      cudaGetLastError();
+      fail(ErrorKind::kOutOfMemory, "cudaMalloc of ", bytes, " bytes failed: ", cudaGetErrorString(status));
+    }
+    return std::shared_ptr<void>(ptr, [](void* p) { cudaFree(p); });
+  }
+  // A device tensor of `dtype` and `shape`, zero-filled.
+  Tensor device_tensor(DType dtype, std::vector<int64_t> shape) {
+    Tensor tensor = Tensor::view(nullptr, dtype, std::move(shape));
+    tensor.storage = allocate(tensor.nbytes());
+    tensor.data = tensor.storage.get();
+    return tensor;
+  }
+
+  int device_ = current_device();  // the backend's device: current at construction
+  cudaStream_t stream_ = nullptr;
+  Gemm gemm_;                       // its cuBLAS handle (opened on that device)
+};
+
+ModelWeights CudaBackend::place_weights(const ModelConfig& config, ModelWeights host, std::optional<DType> dtype,
+                                        const ProgressFn& progress) {
+  NvtxRange range("place weights");
+  const DType target = dtype.value_or(host.layers.empty() ? host.tok_embeddings.dtype : host.layers[0].wqkv.dtype);
+  require_half(target, "place_weights");
+  ModelWeights device;
+  device.layers.resize(host.layers.size());
+  std::vector<Tensor*> sources = tensors_of(host, config.tie_embeddings);
+  std::vector<Tensor*> targets = tensors_of(device, config.tie_embeddings);
   int64_t total = 0, done = 0;
-  for (const WeightSlot& slot : sources) total += static_cast<int64_t>(slot.target->nbytes());
-  Scratch staging;
+  size_t staging_bytes = 0;  // the largest tensor that needs converting
+  for (const Tensor* src : sources) {
+    if (!src->defined()) continue;
+    total += static_cast<int64_t>(src->nbytes());
+    if (src->dtype != target) staging_bytes = std::max(staging_bytes, src->nbytes());
+  }
+  std::shared_ptr<void> staging = staging_bytes > 0 ? device_alloc(staging_bytes) : nullptr;
   for (size_t i = 0; i < sources.size(); ++i) {
-    const Tensor& src = *sources[i].target;
-    Tensor& dst = *targets[i].target;
-    if (src.dtype == dtype_) {
+    Tensor& src = *sources[i];
+    if (!src.defined()) continue;  // a dense layer's router
+    Tensor& dst = *targets[i];
+    dst = device_tensor(target, src.shape);
+    if (src.dtype == target) {
       MC_CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data, src.nbytes(), cudaMemcpyHostToDevice, stream_));
     } else {
-      void* raw = staging.get(src.nbytes());
-      MC_CUDA_CHECK(cudaMemcpyAsync(raw, src.data, src.nbytes(), cudaMemcpyHostToDevice, stream_));
-      convert_weights(raw, src.dtype, dst.data, dtype_, src.numel(), stream_);
+      MC_CUDA_CHECK(cudaMemcpyAsync(staging.get(), src.data, src.nbytes(), cudaMemcpyHostToDevice, stream_));
+      convert_weights(staging.get(), src.dtype, dst.data, target, src.numel(), stream_);
     }
-    // The staging buffer is reused by the next tensor: finish this one first.
+    // The staging buffer is reused by the next tensor, and the host copy is released now.
     MC_CUDA_CHECK(cudaStreamSynchronize(stream_));
     done += static_cast<int64_t>(src.nbytes());
-    if (progress_) progress_(done, total);
+    src = Tensor();
+    if (progress) progress(done, total);
   }
-  if (config_.tie_embeddings) weights_.output = weights_.tok_embeddings;
+  if (config.tie_embeddings) device.output = device.tok_embeddings;
+  return device;
 }
 
-void CudaBackend::randomize(uint64_t seed) {
+ModelWeights CudaBackend::random_weights(const ModelConfig& config, uint64_t seed, DType dtype) {
   NvtxRange range("random weights");
-  std::vector<WeightSlot> slots = allocate_weights();
+  require_half(dtype, "random_weights");
+  config.validate();
+  ModelWeights device;
+  // The slots and their numbering of core's random_weights(): slot i draws from
+  // weight_stream(seed, i) into its target from element `offset` on.
+  std::vector<WeightSlot> slots = weight_slots(config, device);
+  for (const WeightSlot& slot : slots)
+    if (!slot.target->defined()) *slot.target = device_tensor(dtype, slot.target_shape);
+  const size_t elem = dtype_size(dtype);
   for (size_t i = 0; i < slots.size(); ++i) {
-    const Tensor& dst = *slots[i].target;
-    fill_random_weights(dst.data, dtype_, dst.numel(), weight_stream(seed, i), slots[i].shape.size() == 1, stream_);
+    const WeightSlot& slot = slots[i];
+    int64_t count = 1;
+    for (int64_t extent : slot.shape) count *= extent;
+    void* dst = static_cast<uint8_t*>(slot.target->data) + static_cast<size_t>(slot.offset) * elem;
+    fill_random_weights(dst, dtype, count, weight_stream(seed, i), slot.shape.size() == 1, stream_);
   }
   MC_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  if (config_.tie_embeddings) weights_.output = weights_.tok_embeddings;
+  if (config.tie_embeddings) device.output = device.tok_embeddings;
+  return device;
 }
 
-void CudaBackend::moe_ffn(const LayerWeights& layer, const void* h, float* x, int64_t T) {
-  const int64_t E = config_.n_experts, K = config_.n_experts_per_tok;
-  auto* router_logits = static_cast<float*>(router_logits_.get(T * E * sizeof(float)));  // [T, E] f32
-  linear(h, layer.router, router_logits, T, DType::kF32);
-
-  MoeRouteParams route;
-  route.router_logits = router_logits;
-  route.expert_ids = static_cast<int32_t*>(expert_ids_.get(T * K * sizeof(int32_t)));
-  route.weights = static_cast<float*>(expert_weights_.get(T * K * sizeof(float)));
-  route.expert_offsets = static_cast<int32_t*>(expert_offsets_.get((E + 1) * sizeof(int32_t)));
-  route.sorted_pairs = static_cast<int32_t*>(sorted_pairs_.get(T * K * sizeof(int32_t)));
-  route.n_tokens = static_cast<int32_t>(T);
-  route.n_experts = static_cast<int32_t>(E);
-  route.top_k = static_cast<int32_t>(K);
-  moe_route(route, stream_);
+void CudaBackend::moe(const MoeParams& p) {
+  use_device();
+  const int64_t E = p.router.rows, D = p.router.cols, F = p.w2.cols;
+  require_format(p.router, p.dtype, "moe router");
+  require_format(p.w13, p.dtype, "moe w13");
+  require_format(p.w2, p.dtype, "moe w2");
+  if (p.router.count != 1 || p.w13.count != E || p.w13.rows != 2 * F || p.w13.cols != D || p.w2.count != E ||
+      p.w2.rows != D)
+    fail(ErrorKind::kInvalidRequest, "CUDA moe: inconsistent weights: router [", p.router.rows, ", ", p.router.cols,
+         "], w13 [", p.w13.count, ", ", p.w13.rows, ", ", p.w13.cols, "], w2 [", p.w2.count, ", ", p.w2.rows, ", ",
+         p.w2.cols, "]");
+  if (p.n_tokens < 0 || p.n_tokens > 0x7fffffff)
+    fail(ErrorKind::kInvalidRequest, "CUDA moe: n_tokens ", p.n_tokens, " out of range");
+  if (E > 0x7fffffff) fail(ErrorKind::kUnsupported, "CUDA moe: ", E, " experts");
 
   MoeExpertsParams experts;
-  experts.x = h;
-  experts.w13 = layer.experts[0].w1.data;  // the stacked [E, 2F, D] buffer starts at expert 0's w1
-  experts.w2 = layer.experts[0].w2.data;   // [E, D, F]
+  experts.x = p.x;
+  experts.w13 = p.w13.data;
+  experts.w2 = p.w2.data;
+  experts.residual = p.residual;
+  experts.n_tokens = static_cast<int32_t>(p.n_tokens);
+  experts.n_experts = static_cast<int32_t>(E);
+  experts.top_k = p.top_k;
+  experts.dim = D;
+  experts.hidden = F;
+  experts.dtype = p.dtype;
+  const MoeScratch scratch = moe_scratch(experts, p.workspace);  // also checks the sizes
+  if (p.n_tokens == 0) return;
+  if (p.workspace == nullptr) fail(ErrorKind::kInvalidRequest, "CUDA moe: no workspace");
+  NvtxRange range("moe");
+
+  gemm_.linear(p.x, p.router.data, scratch.router_logits, p.n_tokens, E, D, p.dtype, DType::kF32, stream_);
+
+  MoeRouteParams route;
+  route.router_logits = scratch.router_logits;
+  route.expert_ids = scratch.expert_ids;
+  route.weights = scratch.weights;
+  route.expert_offsets = scratch.expert_offsets;
+  route.sorted_pairs = scratch.sorted_pairs;
+  route.n_tokens = experts.n_tokens;
+  route.n_experts = experts.n_experts;
+  route.top_k = experts.top_k;
+  moe_route(route, stream_);
+
   experts.expert_offsets = route.expert_offsets;
   experts.sorted_pairs = route.sorted_pairs;
   experts.weights = route.weights;
-  experts.residual = x;
-  experts.n_tokens = route.n_tokens;
-  experts.n_experts = route.n_experts;
-  experts.top_k = route.top_k;
-  experts.dim = config_.dim;
-  experts.hidden = config_.hidden_dim;
-  experts.dtype = dtype_;
-  moe_experts(experts, moe_workspace_.get(moe_workspace_bytes(experts)), stream_);
-}
-
-void CudaBackend::forward(const StepBatch& batch, float* logits) {
-  NvtxRange step_range("step");
-  MC_CUDA_CHECK(cudaSetDevice(device_));
-  const int64_t T = batch.n_tokens(), R = static_cast<int64_t>(batch.logit_rows.size());
-  const int64_t D = config_.dim, F = config_.hidden_dim, V = config_.vocab_size;
-  const int64_t q_dim = config_.q_dim(), kv_dim = config_.kv_dim();
-  const size_t elem = dtype_size(dtype_);
-
-  MetaPacker packer;
-  const size_t tokens_at = packer.add(batch.tokens);
-  const size_t positions_at = packer.add(batch.positions);
-  const size_t cu_seqlens_at = packer.add(batch.cu_seqlens);
-  const size_t start_pos_at = packer.add(batch.start_pos);
-  const size_t tables_at = packer.add(batch.block_tables);
-  const size_t rows_at = packer.add(batch.logit_rows);
-  auto* meta = static_cast<uint8_t*>(meta_.get(packer.bytes().size()));
-  MC_CUDA_CHECK(cudaMemcpyAsync(meta, packer.bytes().data(), packer.bytes().size(), cudaMemcpyHostToDevice, stream_));
-  const auto* tokens = reinterpret_cast<const int32_t*>(meta + tokens_at);
-  const auto* positions = reinterpret_cast<const int64_t*>(meta + positions_at);
-  const auto* cu_seqlens = reinterpret_cast<const int32_t*>(meta + cu_seqlens_at);
-  const auto* start_pos = reinterpret_cast<const int64_t*>(meta + start_pos_at);
-  const auto* tables = reinterpret_cast<const int32_t*>(meta + tables_at);
-  const auto* rows = reinterpret_cast<const int32_t*>(meta + rows_at);
-
-  // Host-known bounds the attention dispatch plans with.
-  int32_t max_query_len = 0;
-  int64_t max_context = 0;
-  for (int32_t e = 0; e < batch.n_entries(); ++e) {
-    const int32_t n = batch.cu_seqlens[e + 1] - batch.cu_seqlens[e];
-    const int64_t end = batch.start_pos[e] + n;
-    max_query_len = std::max(max_query_len, n);
-    max_context = std::max(max_context, layout_.window > 0 ? std::min(layout_.window, end) : end);
-  }
-
-  auto* x = static_cast<float*>(residual_.get(T * D * sizeof(float)));  // [T, D] f32 residual
-  void* h = hidden_.get(T * D * elem);                                  // [T, D] normed
-  void* q = q_.get(T * q_dim * elem);                                   // [T, H, Dh]
-  void* k = k_.get(T * kv_dim * elem);                                  // [T, KVH, Dh]
-  void* v = v_.get(T * kv_dim * elem);
-  void* attn = attn_.get(T * q_dim * elem);                             // [T, H, Dh]
-  void* proj = proj_.get(T * D * elem);                                 // [T, D] o_proj / down_proj out
-  void* gate_up = gate_up_.get(T * 2 * F * elem);                       // [T, 2F]
-  void* act = act_.get(T * F * elem);                                   // [T, F]
-
-  embedding({weights_.tok_embeddings.data, tokens, x, T, D, dtype_}, stream_);
-
-  RmsNormParams norm;
-  norm.residual = x;
-  norm.n_tokens = norm.n_rows = T;
-  norm.dim = D;
-  norm.eps = static_cast<float>(config_.norm_eps);
-  norm.dtype = dtype_;
-  norm.out = h;
-
-  CudaAttentionParams attention;
-  AttentionParamsT<void>& at = attention.tensors;
-  at.q = q;
-  at.k_new = k;
-  at.v_new = v;
-  at.block_tables = tables;
-  at.cu_seqlens = cu_seqlens;
-  at.start_pos = start_pos;
-  at.out = attn;
-  at.n_entries = batch.n_entries();
-  at.max_blocks = batch.max_blocks;
-  at.n_heads = static_cast<int32_t>(config_.n_heads);
-  at.n_kv_heads = static_cast<int32_t>(config_.n_kv_heads);
-  at.head_dim = static_cast<int32_t>(config_.head_dim);
-  at.scale = attention_scale(config_.head_dim);
-  at.layout = layout_;
-  attention.dtype = dtype_;
-  attention.n_tokens = static_cast<int32_t>(T);
-  attention.max_query_len = max_query_len;
-  attention.max_context = max_context;
-  void* workspace = workspace_.get(attention_workspace_bytes(attention));
-
-  CudaKvAppendParams append;
-  KvAppendParamsT<void>& ap = append.tensors;
-  ap.k = k;
-  ap.v = v;
-  ap.block_tables = tables;
-  ap.cu_seqlens = cu_seqlens;
-  ap.start_pos = start_pos;
-  ap.n_entries = batch.n_entries();
-  ap.max_blocks = batch.max_blocks;
-  ap.n_kv_heads = at.n_kv_heads;
-  ap.head_dim = at.head_dim;
-  ap.layout = layout_;
-  append.dtype = dtype_;
-  append.n_tokens = static_cast<int32_t>(T);
-
-  const void* pending = nullptr;  // [T, D] output not yet added to the residual x
-  for (int64_t l = 0; l < config_.n_layers; ++l) {
-    NvtxRange layer_range("layer");
-    const LayerWeights& layer = weights_.layers[l];
-    {
-      NvtxRange op("attention_norm");
-      norm.weight = layer.attn_norm.data;
-      norm.delta = pending;  // the previous layer's FFN output joins the residual here
-      rms_norm(norm, stream_);
-    }
-    {
-      NvtxRange op("qkv_proj");
-      linear(h, layer.wq, q, T, dtype_);
-      linear(h, layer.wk, k, T, dtype_);
-      linear(h, layer.wv, v, T, dtype_);
-    }
-    {
-      NvtxRange op("rope");
-      rope({q, k, positions, static_cast<const float*>(inv_freq_.data), T, at.n_heads, at.n_kv_heads, at.head_dim,
-            dtype_},
-           stream_);
-    }
-    {
-      NvtxRange op("attention");
-      at.k_pool = k_pools_[l].data;
-      at.v_pool = v_pools_[l].data;
-      paged_attention(attention, workspace, stream_);
-    }
-    {
-      // After attention: a chunk must be read before it overwrites ring slots it still needs.
-      NvtxRange op("kv_append");
-      ap.k_pool = k_pools_[l].data;
-      ap.v_pool = v_pools_[l].data;
-      kv_append(append, stream_);
-    }
-    {
-      NvtxRange op("o_proj");
-      linear(attn, layer.wo, proj, T, dtype_);
-    }
-    {
-      NvtxRange op("ffn_norm");
-      norm.weight = layer.ffn_norm.data;
-      norm.delta = proj;
-      rms_norm(norm, stream_);
-    }
-    if (config_.is_moe()) {
-      NvtxRange op("moe");
-      moe_ffn(layer, h, x, T);
-      pending = nullptr;  // the experts added their output into x already
-    } else {
-      NvtxRange op("ffn");
-      Tensor w13 = Tensor::view(layer.ffn.w1.data, dtype_, {2 * F, D});
-      linear(h, w13, gate_up, T, dtype_);
-      silu_mul({gate_up, act, T, F, dtype_}, stream_);
-      linear(act, layer.ffn.w2, proj, T, dtype_);
-      pending = proj;
-    }
-  }
-
-  NvtxRange head_range("lm_head");
-  void* normed_rows = rows_.get(R * D * elem);  // [R, D]
-  norm.weight = weights_.norm.data;
-  norm.delta = pending;
-  norm.rows = rows;
-  norm.n_rows = R;
-  norm.out = normed_rows;
-  rms_norm(norm, stream_);
-  auto* logits_device = static_cast<float*>(logits_.get(R * V * sizeof(float)));  // [R, V] f32
-  linear(normed_rows, weights_.output, logits_device, R, DType::kF32);
-  MC_CUDA_CHECK(cudaMemcpyAsync(logits, logits_device, R * V * sizeof(float), cudaMemcpyDeviceToHost, stream_));
-  MC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  moe_experts(experts, scratch.experts, stream_);
 }
 
 }  // namespace
-}  // namespace cuda
 
-std::unique_ptr<Backend> make_cuda_backend(const BackendInit& init, const ModelWeights& host_weights) {
-  auto backend = std::make_unique<cuda::CudaBackend>(init);
-  backend->upload(host_weights);
-  return backend;
-}
+std::unique_ptr<Backend> make_backend() { return std::make_unique<CudaBackend>(); }
 
-std::unique_ptr<Backend> make_random_cuda_backend(const BackendInit& init, uint64_t seed) {
-  auto backend = std::make_unique<cuda::CudaBackend>(init);
-  backend->randomize(seed);
-  return backend;
-}
-
-}  // namespace mc
+}  // namespace mc::cuda

@@ -31,18 +31,19 @@ __device__ __forceinline__ int32_t entry_of_token(const int32_t* cu_seqlens, int
 
 template <typename T, int kVec>
 __global__ void kv_append_kernel(KvAppendParamsT<void> p) {
+  const PagedKvView& kv = p.kv;
   const int32_t token = blockIdx.x;
-  const int32_t entry = entry_of_token(p.cu_seqlens, p.n_entries, token);
-  const int64_t start = p.start_pos[entry];
-  const int32_t first_token = p.cu_seqlens[entry];
-  const int64_t end = start + (p.cu_seqlens[entry + 1] - first_token);
+  const int32_t entry = entry_of_token(kv.cu_seqlens, kv.n_entries, token);
+  const int64_t start = kv.start_pos[entry];
+  const int32_t first_token = kv.cu_seqlens[entry];
+  const int64_t end = start + (kv.cu_seqlens[entry + 1] - first_token);
   const int64_t pos = start + (token - first_token);
-  if (pos < p.layout.first_kept(start, end)) return;  // before the last W: no later query reads it
+  if (pos < kv.layout.first_kept(start, end)) return;  // before the last W: no later query reads it
 
-  const int32_t* table = p.block_tables + static_cast<int64_t>(entry) * p.max_blocks;
+  const int32_t* table = kv.block_tables + static_cast<int64_t>(entry) * kv.max_blocks;
   const int64_t kv_dim = static_cast<int64_t>(p.n_kv_heads) * p.head_dim;
   const int64_t src = token * kv_dim;
-  const int64_t dst = p.layout.pool_row(table, pos) * kv_dim;
+  const int64_t dst = kv.layout.pool_row(table, pos) * kv_dim;
   using P = Pack<T, kVec>;
   const P* k = reinterpret_cast<const P*>(static_cast<const T*>(p.k) + src);
   const P* v = reinterpret_cast<const P*>(static_cast<const T*>(p.v) + src);
@@ -56,10 +57,10 @@ __global__ void kv_append_kernel(KvAppendParamsT<void> p) {
 }
 
 template <typename T, int kVec>
-void launch_kv_append(const CudaKvAppendParams& p, cudaStream_t stream) {
+void launch_kv_append(const KvAppendParams& p, cudaStream_t stream) {
   const int64_t packs = static_cast<int64_t>(p.tensors.n_kv_heads) * p.tensors.head_dim / kVec;
   const int threads = static_cast<int>(packs >= kMaxThreads ? kMaxThreads : (packs + 31) / 32 * 32);
-  kv_append_kernel<T, kVec><<<static_cast<unsigned>(p.n_tokens), threads, 0, stream>>>(p.tensors);
+  kv_append_kernel<T, kVec><<<static_cast<unsigned>(p.tensors.kv.n_tokens), threads, 0, stream>>>(p.tensors);
   MC_CUDA_CHECK_LAUNCH();
 }
 
@@ -67,19 +68,20 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 }  // namespace
 
-void kv_append(const CudaKvAppendParams& p, cudaStream_t stream) {
+void kv_append(const KvAppendParams& p, cudaStream_t stream) {
   const KvAppendParamsT<void>& t = p.tensors;
-  if (p.n_tokens < 0 || t.n_entries < 0 || t.max_blocks <= 0 || t.n_kv_heads <= 0 || t.head_dim <= 0)
-    fail(ErrorKind::kInvalidRequest, "kv_append: bad sizes n_tokens=", p.n_tokens, ", n_entries=", t.n_entries,
-         ", max_blocks=", t.max_blocks, ", n_kv_heads=", t.n_kv_heads, ", head_dim=", t.head_dim);
-  if (t.layout.block_size <= 0 || t.layout.window < 0 || t.layout.ring_blocks < 0 ||
-      (t.layout.window > 0) != (t.layout.ring_blocks > 0))
-    fail(ErrorKind::kInvalidRequest, "kv_append: bad layout block_size=", t.layout.block_size,
-         ", window=", t.layout.window, ", ring_blocks=", t.layout.ring_blocks);
-  if (p.n_tokens == 0) return;
-  if (t.n_entries == 0) fail(ErrorKind::kInvalidRequest, "kv_append: ", p.n_tokens, " tokens but no entries");
-  if (t.k == nullptr || t.v == nullptr || t.k_pool == nullptr || t.v_pool == nullptr || t.block_tables == nullptr ||
-      t.cu_seqlens == nullptr || t.start_pos == nullptr)
+  const PagedKvView& kv = t.kv;
+  if (kv.n_tokens < 0 || kv.n_entries < 0 || kv.max_blocks <= 0 || t.n_kv_heads <= 0 || t.head_dim <= 0)
+    fail(ErrorKind::kInvalidRequest, "kv_append: bad sizes n_tokens=", kv.n_tokens, ", n_entries=", kv.n_entries,
+         ", max_blocks=", kv.max_blocks, ", n_kv_heads=", t.n_kv_heads, ", head_dim=", t.head_dim);
+  if (kv.layout.block_size <= 0 || kv.layout.window < 0 || kv.layout.ring_blocks < 0 ||
+      (kv.layout.window > 0) != (kv.layout.ring_blocks > 0))
+    fail(ErrorKind::kInvalidRequest, "kv_append: bad layout block_size=", kv.layout.block_size,
+         ", window=", kv.layout.window, ", ring_blocks=", kv.layout.ring_blocks);
+  if (kv.n_tokens == 0) return;
+  if (kv.n_entries == 0) fail(ErrorKind::kInvalidRequest, "kv_append: ", kv.n_tokens, " tokens but no entries");
+  if (t.k == nullptr || t.v == nullptr || t.k_pool == nullptr || t.v_pool == nullptr || kv.block_tables == nullptr ||
+      kv.cu_seqlens == nullptr || kv.start_pos == nullptr)
     fail(ErrorKind::kInvalidRequest, "kv_append: null tensor pointer");
   NvtxRange range("kv_append");
   dispatch_half(p.dtype, [&](auto tag) {

@@ -651,6 +651,34 @@ size_t moe_workspace_bytes(const MoeExpertsParams& p) {
   return (act_bytes + 255) / 256 * 256;
 }
 
+MoeScratch moe_scratch(const MoeExpertsParams& p, void* workspace) {
+  const size_t T = static_cast<size_t>(p.n_tokens), E = static_cast<size_t>(p.n_experts);
+  const size_t P = T * static_cast<size_t>(p.top_k);
+  size_t used = 0;
+  auto take = [&](size_t bytes) {
+    const size_t offset = used;
+    used += (bytes + 255) / 256 * 256;
+    return offset;
+  };
+  const size_t logits_at = take(T * E * sizeof(float));
+  const size_t ids_at = take(P * sizeof(int32_t));
+  const size_t weights_at = take(P * sizeof(float));
+  const size_t offsets_at = take((E + 1) * sizeof(int32_t));
+  const size_t pairs_at = take(P * sizeof(int32_t));
+  const size_t experts_at = take(moe_workspace_bytes(p));
+  MoeScratch scratch;
+  scratch.bytes = used;
+  if (workspace == nullptr) return scratch;
+  auto* base = static_cast<uint8_t*>(workspace);
+  scratch.router_logits = reinterpret_cast<float*>(base + logits_at);
+  scratch.expert_ids = reinterpret_cast<int32_t*>(base + ids_at);
+  scratch.weights = reinterpret_cast<float*>(base + weights_at);
+  scratch.expert_offsets = reinterpret_cast<int32_t*>(base + offsets_at);
+  scratch.sorted_pairs = reinterpret_cast<int32_t*>(base + pairs_at);
+  scratch.experts = base + experts_at;
+  return scratch;
+}
+
 void moe_experts(const MoeExpertsParams& p, void* workspace, cudaStream_t stream) {
   check_expert_sizes(p);
   if (p.n_tokens == 0) return;

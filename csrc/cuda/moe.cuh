@@ -1,4 +1,5 @@
-// Mixtral's sparse MoE FFN on the GPU, with the CPU backend's semantics (cpu/moe.cpp):
+// Mixtral's sparse MoE FFN on the GPU (the kernels behind CudaBackend::moe, after the router
+// GEMM), with the CPU backend's semantics (cpu/moe.cpp):
 //   y[t] = Σ_k weight[t, k] · w2_e(silu(w1_e x_t) * w3_e x_t),  e = expert_ids[t, k]
 // in three steps with no host round trip: route (top-k + counting sort by expert), gate/up
 // (each active expert's w1|w3 read once for all of its tokens, SiLU fused), down (w2 read once
@@ -50,6 +51,23 @@ struct MoeExpertsParams {
 
 // Scratch for the activations [P, F] half (and whatever the chosen path needs).
 size_t moe_workspace_bytes(const MoeExpertsParams& p);
+
+// The whole MoE op's scratch in one workspace, each piece 256-byte aligned: router logits
+// [T, E] f32, expert ids [T, K], weights [T, K], expert offsets [E + 1], sorted pairs [P], then
+// moe_workspace_bytes(p) for the experts. Every piece grows with T, so a workspace laid out for
+// the most tokens of a step holds the layout of any smaller step.
+struct MoeScratch {
+  float* router_logits = nullptr;
+  int32_t* expert_ids = nullptr;
+  float* weights = nullptr;
+  int32_t* expert_offsets = nullptr;
+  int32_t* sorted_pairs = nullptr;
+  void* experts = nullptr;
+  size_t bytes = 0;  // of all the pieces
+};
+// The layout for p's sizes (n_tokens, n_experts, top_k, dim, hidden) from `workspace`; with a
+// null workspace only `bytes` is set.
+MoeScratch moe_scratch(const MoeExpertsParams& p, void* workspace);
 
 // Picks by token count (host-known): a GEMV-style path for decode-sized batches (each active
 // expert's weights streamed once, all of its tokens served from registers/shared memory), a

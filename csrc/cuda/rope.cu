@@ -1,12 +1,16 @@
-// Half-rotation RoPE in place on q [T, H, Dh] and k [T, KVH, Dh] (half), positions [T] int64,
-// inv_freq [Dh/2] f32.
+// The fused q|k|v projection's output split into its heads with half-rotation RoPE:
+//   qkv [T, (H + 2 KVH) * Dh] half -> q [T, H, Dh] and k [T, KVH, Dh] rotated (out of place),
+//   v [T, KVH, Dh] copied; positions [T] int64, inv_freq [Dh/2] f32.
 //
 // One block per token. Its threads first fill a shared table of cos/sin for the Dh/2 angles of
-// the token, computed exactly as cpu::rope_tables does (angle = float(pos) * inv_freq[i] as an
-// f32 product, cos/sin in double, rounded to float), so the double-precision sincos runs once per
+// the token, computed exactly as cpu::qkv_rope does (angle = float(pos) * inv_freq[i] as an f32
+// product, cos/sin in double, rounded to float), so the double-precision sincos runs once per
 // (token, i) and not once per head. Then they rotate every head of q and k: a work item is
 // kVec consecutive pairs (i .. i+kVec-1, paired with i+Dh/2 ..), two 16-byte loads and stores
-// when kVec = 8. Rotation as in cpu::rope, each product rounded (no FMA contraction):
+// when kVec = 8. The q and k heads are consecutive in the qkv row (q heads, then k heads), so
+// item head h reads qkv columns h * Dh .. and writes q head h (h < H) or k head h - H. Then the
+// v columns are copied in packs of kVec. Rotation as in cpu::qkv_rope, each product rounded (no
+// FMA contraction):
 //   out_i = a*c - b*s,  out_{i+Dh/2} = b*c + a*s.
 #include "cuda/elementwise.cuh"
 
@@ -17,11 +21,11 @@ constexpr int kThreads = 128;
 // cos and sin tables of Dh/2 floats each must fit the default 48 KiB of dynamic shared memory.
 constexpr int32_t kMaxHeadDim = 48 * 1024 / static_cast<int32_t>(sizeof(float));
 
-
 template <typename T, int kVec>
-__device__ __forceinline__ void rotate(T* head, const float* cos_t, const float* sin_t, int32_t half, int32_t i) {
-  Pack<T, kVec> lo = *reinterpret_cast<const Pack<T, kVec>*>(head + i);
-  Pack<T, kVec> hi = *reinterpret_cast<const Pack<T, kVec>*>(head + half + i);
+__device__ __forceinline__ void rotate(const T* in, T* out, const float* cos_t, const float* sin_t, int32_t half,
+                                       int32_t i) {
+  Pack<T, kVec> lo = *reinterpret_cast<const Pack<T, kVec>*>(in + i);
+  Pack<T, kVec> hi = *reinterpret_cast<const Pack<T, kVec>*>(in + half + i);
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
     const float c = cos_t[i + j], s = sin_t[i + j];
@@ -29,14 +33,14 @@ __device__ __forceinline__ void rotate(T* head, const float* cos_t, const float*
     lo.v[j] = from_float<T>(__fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s)));
     hi.v[j] = from_float<T>(__fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s)));
   }
-  *reinterpret_cast<Pack<T, kVec>*>(head + i) = lo;
-  *reinterpret_cast<Pack<T, kVec>*>(head + half + i) = hi;
+  *reinterpret_cast<Pack<T, kVec>*>(out + i) = lo;
+  *reinterpret_cast<Pack<T, kVec>*>(out + half + i) = hi;
 }
 
 template <typename T, int kVec>
-__global__ void rope_kernel(T* __restrict__ q, T* __restrict__ k, const int64_t* __restrict__ positions,
-                            const float* __restrict__ inv_freq, int32_t n_heads, int32_t n_kv_heads,
-                            int32_t head_dim) {
+__global__ void qkv_rope_kernel(const T* __restrict__ qkv, T* __restrict__ q, T* __restrict__ k, T* __restrict__ v,
+                                const int64_t* __restrict__ positions, const float* __restrict__ inv_freq,
+                                int32_t n_heads, int32_t n_kv_heads, int32_t head_dim) {
   extern __shared__ float table[];  // cos [Dh/2], then sin [Dh/2]
   const int32_t half = head_dim / 2;
   float* cos_t = table;
@@ -53,25 +57,34 @@ __global__ void rope_kernel(T* __restrict__ q, T* __restrict__ k, const int64_t*
   }
   __syncthreads();
 
+  const int64_t kv_dim = static_cast<int64_t>(n_kv_heads) * head_dim;
+  const T* src = qkv + token * (static_cast<int64_t>(n_heads) * head_dim + 2 * kv_dim);
+  T* q_token = q + token * n_heads * head_dim;
+  T* k_token = k + token * kv_dim;
   // Items: (head, pack) over the q heads then the k heads of this token.
   const int32_t packs = half / kVec;
   const int32_t items = (n_heads + n_kv_heads) * packs;
-  T* q_token = q + token * n_heads * head_dim;
-  T* k_token = k + token * n_kv_heads * head_dim;
   for (int32_t item = threadIdx.x; item < items; item += blockDim.x) {
     const int32_t head = item / packs;
     const int32_t i = (item % packs) * kVec;
-    T* base = head < n_heads ? q_token + static_cast<int64_t>(head) * head_dim
-                             : k_token + static_cast<int64_t>(head - n_heads) * head_dim;
-    rotate<T, kVec>(base, cos_t, sin_t, half, i);
+    T* out = head < n_heads ? q_token + static_cast<int64_t>(head) * head_dim
+                            : k_token + static_cast<int64_t>(head - n_heads) * head_dim;
+    rotate<T, kVec>(src + static_cast<int64_t>(head) * head_dim, out, cos_t, sin_t, half, i);
   }
+
+  // v: the last kv_dim columns of the row, unchanged.
+  using P = Pack<T, kVec>;
+  const P* v_src = reinterpret_cast<const P*>(src + static_cast<int64_t>(n_heads + n_kv_heads) * head_dim);
+  P* v_dst = reinterpret_cast<P*>(v + token * kv_dim);
+  for (int64_t i = threadIdx.x; i < kv_dim / kVec; i += blockDim.x) v_dst[i] = v_src[i];
 }
 
 template <typename T, int kVec>
-void launch_rope(const RopeParams& p, cudaStream_t stream) {
+void launch_qkv_rope(const QkvRopeParams& p, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(p.head_dim) * sizeof(float);
-  rope_kernel<T, kVec><<<static_cast<unsigned>(p.n_tokens), kThreads, smem, stream>>>(
-      static_cast<T*>(p.q), static_cast<T*>(p.k), p.positions, p.inv_freq, p.n_heads, p.n_kv_heads, p.head_dim);
+  qkv_rope_kernel<T, kVec><<<static_cast<unsigned>(p.n_tokens), kThreads, smem, stream>>>(
+      static_cast<const T*>(p.qkv), static_cast<T*>(p.q), static_cast<T*>(p.k), static_cast<T*>(p.v), p.positions,
+      p.inv_freq, p.n_heads, p.n_kv_heads, p.head_dim);
   MC_CUDA_CHECK_LAUNCH();
 }
 
@@ -79,26 +92,29 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 }  // namespace
 
-void rope(const RopeParams& p, cudaStream_t stream) {
+void qkv_rope(const QkvRopeParams& p, cudaStream_t stream) {
   if (p.n_tokens < 0 || p.n_heads <= 0 || p.n_kv_heads <= 0 || p.head_dim <= 0 || p.head_dim % 2 != 0)
-    fail(ErrorKind::kInvalidRequest, "rope: bad sizes n_tokens=", p.n_tokens, ", n_heads=", p.n_heads,
+    fail(ErrorKind::kInvalidRequest, "qkv_rope: bad sizes n_tokens=", p.n_tokens, ", n_heads=", p.n_heads,
          ", n_kv_heads=", p.n_kv_heads, ", head_dim=", p.head_dim, " (head_dim must be even)");
-  if (p.head_dim > kMaxHeadDim) fail(ErrorKind::kInvalidRequest, "rope: head_dim ", p.head_dim, " above ", kMaxHeadDim);
+  if (p.head_dim > kMaxHeadDim)
+    fail(ErrorKind::kInvalidRequest, "qkv_rope: head_dim ", p.head_dim, " above ", kMaxHeadDim);
   // Items per token are counted in int32.
   if (static_cast<int64_t>(p.n_heads) + p.n_kv_heads > (int64_t{1} << 31) / p.head_dim)
-    fail(ErrorKind::kInvalidRequest, "rope: too many heads (", p.n_heads, " + ", p.n_kv_heads, ")");
-  if (p.n_tokens > 0x7fffffff) fail(ErrorKind::kInvalidRequest, "rope: n_tokens ", p.n_tokens, " too large");
+    fail(ErrorKind::kInvalidRequest, "qkv_rope: too many heads (", p.n_heads, " + ", p.n_kv_heads, ")");
+  if (p.n_tokens > 0x7fffffff) fail(ErrorKind::kInvalidRequest, "qkv_rope: n_tokens ", p.n_tokens, " too large");
   if (p.n_tokens == 0) return;
-  if (p.q == nullptr || p.k == nullptr || p.positions == nullptr || p.inv_freq == nullptr)
-    fail(ErrorKind::kInvalidRequest, "rope: null q, k, positions or inv_freq pointer");
-  NvtxRange range("rope");
+  if (p.qkv == nullptr || p.q == nullptr || p.k == nullptr || p.v == nullptr || p.positions == nullptr ||
+      p.inv_freq == nullptr)
+    fail(ErrorKind::kInvalidRequest, "qkv_rope: null qkv, q, k, v, positions or inv_freq pointer");
+  NvtxRange range("qkv_rope");
   dispatch_half(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    // 8 pairs per item need Dh/2 % 8 == 0 (head rows then start 16-byte aligned too).
-    if ((p.head_dim / 2) % 8 == 0 && aligned16(p.q) && aligned16(p.k))
-      launch_rope<T, 8>(p, stream);
+    // 8 pairs per item need Dh/2 % 8 == 0: every head row (of qkv and of q, k, v) then starts
+    // 16-byte aligned too, and kv_dim is a whole number of packs.
+    if ((p.head_dim / 2) % 8 == 0 && aligned16(p.qkv) && aligned16(p.q) && aligned16(p.k) && aligned16(p.v))
+      launch_qkv_rope<T, 8>(p, stream);
     else
-      launch_rope<T, 1>(p, stream);
+      launch_qkv_rope<T, 1>(p, stream);
   });
 }
 
