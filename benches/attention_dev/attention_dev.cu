@@ -7,7 +7,9 @@
 // Prints one line per case and 'N passed, N failed'; exit code 0 iff all pass.
 //
 // Pool slots that no query of a case may read hold NaN: a kernel that reads a masked or stale
-// key (and lets it reach the output) fails with NaN.
+// key (and lets it reach the output) fails with NaN. Like the runtime, a case names its leading
+// single-token entries as the step's decode part (PagedKvView::n_decode), so a mixed step runs
+// both kernels; `whole_step` cases name none and take one kernel for the whole step.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -26,16 +28,19 @@
 namespace {
 
 using mc::AttentionParams;
+using mc::AttentionParamsT;
 using mc::DType;
 using mc::KvLayout;
+using mc::PagedKvView;
 
 struct Case {
   std::string name;
   int32_t n_heads, n_kv_heads, head_dim, block_size;
   int64_t window;  // 0 = full attention
   std::vector<std::pair<int64_t, int32_t>> entries;  // (start_pos, new tokens)
-  bool force_prefill = false;  // pass max_query_len >= 2 so that decode batches take the prefill kernel
+  bool force_prefill = false;  // no decode part and max_query_len >= 2: decode batches take the prefill kernel
   float q_gain = 2.0f;         // larger = peakier softmax (exercises the running-max rescale)
+  bool whole_step = false;     // no decode part named (n_decode = 0)
 };
 
 template <typename T>
@@ -73,6 +78,9 @@ template <typename T>
 struct Problem {
   int32_t n_tokens = 0, max_query_len = 0, max_blocks = 0;
   int64_t max_context = 0;
+  // The decode part: leading entries with exactly one new token; bounds of each part.
+  int32_t n_decode = 0, prefill_max_query_len = 0;
+  int64_t decode_max_context = 0, prefill_max_context = 0;
   KvLayout layout;
   std::vector<int32_t> cu_seqlens, tables;
   std::vector<int64_t> start_pos;
@@ -86,6 +94,9 @@ struct Problem {
     layout.window = c.window;
     layout.ring_blocks = KvLayout::ring_blocks_for(c.window, c.block_size);
     const int32_t n_entries = static_cast<int32_t>(c.entries.size());
+    if (!c.whole_step && !c.force_prefill) {
+      while (n_decode < n_entries && c.entries[n_decode].second == 1) ++n_decode;
+    }
     cu_seqlens.push_back(0);
     std::vector<int32_t> blocks_of(n_entries);
     for (int32_t e = 0; e < n_entries; ++e) {
@@ -96,7 +107,15 @@ struct Problem {
       const int64_t end = start + n;
       blocks_of[e] = layout.ring_blocks > 0 ? layout.ring_blocks : static_cast<int32_t>((end + c.block_size - 1) / c.block_size);
       max_blocks = std::max(max_blocks, blocks_of[e]);
-      for (int64_t pos = start; pos < end; ++pos) max_context = std::max(max_context, pos - layout.first_visible(pos) + 1);
+      int64_t keys = 0;
+      for (int64_t pos = start; pos < end; ++pos) keys = std::max(keys, pos - layout.first_visible(pos) + 1);
+      max_context = std::max(max_context, keys);
+      if (e < n_decode) {
+        decode_max_context = std::max(decode_max_context, keys);
+      } else {
+        prefill_max_query_len = std::max(prefill_max_query_len, n);
+        prefill_max_context = std::max(prefill_max_context, keys);
+      }
     }
     n_tokens = cu_seqlens.back();
     max_blocks = std::max(max_blocks, 1);
@@ -158,60 +177,68 @@ float max_error(const Case& c, uint32_t seed) {
   const int32_t n_entries = static_cast<int32_t>(c.entries.size());
   const size_t out_elems = static_cast<size_t>(pr.n_tokens) * c.n_heads * c.head_dim;
 
+  // The view's bounds; its pointers are set for each side (host arrays, device copies).
+  PagedKvView kv;
+  kv.n_entries = n_entries;
+  kv.max_blocks = pr.max_blocks;
+  kv.layout = pr.layout;
+  kv.n_tokens = pr.n_tokens;
+  kv.n_decode = pr.n_decode;
+  kv.decode_max_context = pr.decode_max_context;
+  kv.prefill_max_query_len = pr.prefill_max_query_len;
+  kv.prefill_max_context = pr.prefill_max_context;
+
   std::vector<float> ref(out_elems);
-  AttentionParams cp{};
+  AttentionParamsT<float> cp;
   cp.q = pr.qf.data();
   cp.k_new = pr.kf.data();
   cp.v_new = pr.vf.data();
   cp.k_pool = pr.kpf.data();
   cp.v_pool = pr.vpf.data();
-  cp.block_tables = pr.tables.data();
-  cp.cu_seqlens = pr.cu_seqlens.data();
-  cp.start_pos = pr.start_pos.data();
   cp.out = ref.data();
-  cp.n_entries = n_entries;
-  cp.max_blocks = pr.max_blocks;
+  cp.kv = kv;
+  cp.kv.block_tables = pr.tables.data();
+  cp.kv.cu_seqlens = pr.cu_seqlens.data();
+  cp.kv.start_pos = pr.start_pos.data();
   cp.n_heads = c.n_heads;
   cp.n_kv_heads = c.n_kv_heads;
   cp.head_dim = c.head_dim;
   cp.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-  cp.layout = pr.layout;
   mc::cpu::paged_attention(cp);
 
-  mc::cuda::CudaAttentionParams gp;
+  AttentionParams gp;
   gp.tensors.q = to_device(pr.q);
   gp.tensors.k_new = to_device(pr.k_new);
   gp.tensors.v_new = to_device(pr.v_new);
   gp.tensors.k_pool = to_device(pr.k_pool);
   gp.tensors.v_pool = to_device(pr.v_pool);
-  gp.tensors.block_tables = to_device(pr.tables);
-  gp.tensors.cu_seqlens = to_device(pr.cu_seqlens);
-  gp.tensors.start_pos = to_device(pr.start_pos);
   // Garbage (0xFF bytes = NaN) in the output: a row the kernel forgets to write shows up.
   T* out = to_device(std::vector<T>(out_elems, from_f<T>(NAN)));
   gp.tensors.out = out;
-  gp.tensors.n_entries = n_entries;
-  gp.tensors.max_blocks = pr.max_blocks;
+  gp.tensors.kv = kv;
+  gp.tensors.kv.block_tables = to_device(pr.tables);
+  gp.tensors.kv.cu_seqlens = to_device(pr.cu_seqlens);
+  gp.tensors.kv.start_pos = to_device(pr.start_pos);
   gp.tensors.n_heads = c.n_heads;
   gp.tensors.n_kv_heads = c.n_kv_heads;
   gp.tensors.head_dim = c.head_dim;
   gp.tensors.scale = cp.scale;
-  gp.tensors.layout = pr.layout;
   gp.dtype = dtype_of<T>();
   gp.n_tokens = pr.n_tokens;
   gp.max_query_len = c.force_prefill ? std::max(pr.max_query_len, 2) : pr.max_query_len;
   gp.max_context = pr.max_context;
-  void* workspace = nullptr;
   const size_t ws_bytes = mc::cuda::attention_workspace_bytes(gp);
-  if (ws_bytes > 0) CHECK(cudaMalloc(&workspace, ws_bytes));
-  if (workspace != nullptr) CHECK(cudaMemset(workspace, 0xFF, ws_bytes));  // NaN garbage
-  mc::cuda::paged_attention(gp, workspace, nullptr);
+  if (ws_bytes > 0) CHECK(cudaMalloc(&gp.workspace, ws_bytes));
+  if (gp.workspace != nullptr) CHECK(cudaMemset(gp.workspace, 0xFF, ws_bytes));  // NaN garbage
+  mc::cuda::paged_attention(gp, nullptr);
   CHECK(cudaDeviceSynchronize());
   std::vector<T> got(out_elems);
   CHECK(cudaMemcpy(got.data(), out, out_elems * sizeof(T), cudaMemcpyDeviceToHost));
   for (const void* ptr : {gp.tensors.q, gp.tensors.k_new, gp.tensors.v_new, gp.tensors.k_pool, gp.tensors.v_pool,
-                          static_cast<const void*>(gp.tensors.block_tables), static_cast<const void*>(gp.tensors.cu_seqlens),
-                          static_cast<const void*>(gp.tensors.start_pos), static_cast<const void*>(out), static_cast<const void*>(workspace)}) {
+                          static_cast<const void*>(gp.tensors.kv.block_tables),
+                          static_cast<const void*>(gp.tensors.kv.cu_seqlens),
+                          static_cast<const void*>(gp.tensors.kv.start_pos), static_cast<const void*>(out),
+                          static_cast<const void*>(gp.workspace)}) {
     CHECK(cudaFree(const_cast<void*>(ptr)));
   }
 
@@ -233,6 +260,8 @@ std::vector<Case> parity_cases() {
   cases.push_back({"decode window 7 B4 wraps", 32, 8, 128, 4, 7, {{0, 1}, {6, 1}, {7, 1}, {13, 1}, {50, 1}}});
   cases.push_back({"decode window 4096 B16", 32, 8, 128, 16, 4096, {{10000, 1}, {4095, 1}, {4096, 1}}});
   cases.push_back({"decode zero-token entry", 32, 8, 128, 16, 0, {{9, 1}, {20, 0}, {300, 1}}});
+  cases.push_back({"decode zero-token entry, whole step", 32, 8, 128, 16, 0, {{9, 1}, {20, 0}, {300, 1}}, false, 2.0f,
+                   true});
   // Every decode group, head_dim 64, odd block sizes.
   for (int32_t g = 1; g <= 8; ++g) {
     for (int32_t b : {1, 3, 7}) {
@@ -250,6 +279,13 @@ std::vector<Case> parity_cases() {
   cases.push_back({"prefill window 7 B3 chunk", 32, 8, 128, 3, 7, {{50, 67}}});
   cases.push_back({"prefill window 100 B16 chunk", 32, 8, 64, 16, 100, {{1000, 300}}});
   cases.push_back({"mixed chunks and decodes", 32, 8, 128, 16, 64, {{0, 70}, {37, 1}, {5, 1}, {200, 129}, {0, 0}, {64, 17}}});
+  // Decode part first (its own kernel, split over long contexts), then the prefill part.
+  cases.push_back({"decode part + prefill part", 32, 8, 128, 16, 0,
+                   {{1000, 1}, {5000, 1}, {3, 1}, {0, 70}, {200, 129}, {0, 0}, {64, 17}}});
+  cases.push_back({"decode part + prefill part window 64", 32, 8, 128, 16, 64,
+                   {{37, 1}, {5, 1}, {3000, 1}, {0, 70}, {200, 129}, {64, 17}}});
+  cases.push_back({"decode part + prefill part G16", 32, 2, 128, 16, 0, {{300, 1}, {0, 1}, {40, 33}}});
+  cases.push_back({"decode part, prefill part of empty entries", 32, 8, 64, 16, 0, {{700, 1}, {2, 1}, {9, 0}}});
   cases.push_back({"prefill G1 Dh64 B1", 4, 4, 64, 1, 0, {{7, 65}, {0, 1}}});
   cases.push_back({"prefill G3 (padding rows)", 24, 8, 128, 7, 0, {{13, 50}}});
   cases.push_back({"prefill G5 window 9", 10, 2, 64, 4, 9, {{20, 40}}});
@@ -261,19 +297,19 @@ std::vector<Case> parity_cases() {
 }
 
 // Timing of paged_attention alone, L2 flushed before each call.
-float time_ms(const mc::cuda::CudaAttentionParams& p, void* workspace, int iters) {
+float time_ms(const AttentionParams& p, int iters) {
   void* flush = nullptr;
   const size_t flush_bytes = size_t{256} << 20;
   CHECK(cudaMalloc(&flush, flush_bytes));
   cudaEvent_t begin, end;
   CHECK(cudaEventCreate(&begin));
   CHECK(cudaEventCreate(&end));
-  mc::cuda::paged_attention(p, workspace, nullptr);  // warm-up (and the one-time attribute set-up)
+  mc::cuda::paged_attention(p, nullptr);  // warm-up (and the one-time attribute set-up)
   float total = 0.0f;
   for (int i = 0; i < iters; ++i) {
     CHECK(cudaMemsetAsync(flush, i, flush_bytes));
     CHECK(cudaEventRecord(begin));
-    mc::cuda::paged_attention(p, workspace, nullptr);
+    mc::cuda::paged_attention(p, nullptr);
     CHECK(cudaEventRecord(end));
     CHECK(cudaEventSynchronize(end));
     float ms = 0.0f;
@@ -310,31 +346,39 @@ void bench(int32_t batch, int64_t context, int32_t new_tokens) {
   CHECK(cudaMemset(kp, 0, 2 * pool_elems));
   CHECK(cudaMemset(vp, 0, 2 * pool_elems));
 
-  mc::cuda::CudaAttentionParams p;
+  AttentionParams p;
   p.tensors.q = q;
   p.tensors.k_new = k;
   p.tensors.v_new = v;
   p.tensors.k_pool = kp;
   p.tensors.v_pool = vp;
-  p.tensors.block_tables = to_device(tables);
-  p.tensors.cu_seqlens = to_device(cu);
-  p.tensors.start_pos = to_device(start);
   p.tensors.out = out;
-  p.tensors.n_entries = batch;
-  p.tensors.max_blocks = blocks_per_seq;
+  PagedKvView& kv = p.tensors.kv;
+  kv.block_tables = to_device(tables);
+  kv.cu_seqlens = to_device(cu);
+  kv.start_pos = to_device(start);
+  kv.n_entries = batch;
+  kv.max_blocks = blocks_per_seq;
+  kv.layout.block_size = B;
+  kv.n_tokens = T;
+  if (new_tokens == 1) {
+    kv.n_decode = batch;
+    kv.decode_max_context = context;
+  } else {
+    kv.prefill_max_query_len = new_tokens;
+    kv.prefill_max_context = context;
+  }
   p.tensors.n_heads = H;
   p.tensors.n_kv_heads = KVH;
   p.tensors.head_dim = Dh;
   p.tensors.scale = 1.0f / std::sqrt(128.0f);
-  p.tensors.layout.block_size = B;
   p.dtype = DType::kBF16;
   p.n_tokens = T;
   p.max_query_len = new_tokens;
   p.max_context = context;
-  void* workspace = nullptr;
   const size_t ws_bytes = mc::cuda::attention_workspace_bytes(p);
-  if (ws_bytes > 0) CHECK(cudaMalloc(&workspace, ws_bytes));
-  const float ms = time_ms(p, workspace, 20);
+  if (ws_bytes > 0) CHECK(cudaMalloc(&p.workspace, ws_bytes));
+  const float ms = time_ms(p, 20);
   if (new_tokens == 1) {
     const double bytes = 2.0 * batch * context * KVH * Dh * 2;  // K and V, bf16, once per kv head
     std::printf("decode  batch %3d context %6lld: %8.1f us  %7.1f GB/s\n", batch, static_cast<long long>(context),
@@ -346,8 +390,8 @@ void bench(int32_t batch, int64_t context, int32_t new_tokens) {
   }
   for (const void* ptr : {static_cast<const void*>(q), static_cast<const void*>(k), static_cast<const void*>(v),
                           static_cast<const void*>(kp), static_cast<const void*>(vp), static_cast<const void*>(out),
-                          static_cast<const void*>(workspace), static_cast<const void*>(p.tensors.block_tables),
-                          static_cast<const void*>(p.tensors.cu_seqlens), static_cast<const void*>(p.tensors.start_pos)}) {
+                          static_cast<const void*>(p.workspace), static_cast<const void*>(kv.block_tables),
+                          static_cast<const void*>(kv.cu_seqlens), static_cast<const void*>(kv.start_pos)}) {
     CHECK(cudaFree(const_cast<void*>(ptr)));
   }
 }
