@@ -38,18 +38,17 @@ __device__ __forceinline__ void rotate(const T* in, T* out, const float* cos_t, 
 }
 
 template <typename T, int kVec>
-__global__ void qkv_rope_kernel(const T* __restrict__ qkv, T* __restrict__ q, T* __restrict__ k, T* __restrict__ v,
-                                const int64_t* __restrict__ positions, const float* __restrict__ inv_freq,
-                                int32_t n_heads, int32_t n_kv_heads, int32_t head_dim) {
+__global__ void qkv_rope_kernel(const QkvRopeParams p) {
   extern __shared__ float table[];  // cos [Dh/2], then sin [Dh/2]
+  const int32_t n_heads = p.n_heads, n_kv_heads = p.n_kv_heads, head_dim = p.head_dim;
   const int32_t half = head_dim / 2;
   float* cos_t = table;
   float* sin_t = table + half;
   const int64_t token = blockIdx.x;
 
-  const float pos = static_cast<float>(positions[token]);
+  const float pos = static_cast<float>(p.positions[token]);
   for (int32_t i = threadIdx.x; i < half; i += blockDim.x) {
-    const float angle = __fmul_rn(pos, inv_freq[i]);
+    const float angle = __fmul_rn(pos, p.inv_freq[i]);
     double s, c;
     sincos(static_cast<double>(angle), &s, &c);
     cos_t[i] = static_cast<float>(c);
@@ -58,9 +57,9 @@ __global__ void qkv_rope_kernel(const T* __restrict__ qkv, T* __restrict__ q, T*
   __syncthreads();
 
   const int64_t kv_dim = static_cast<int64_t>(n_kv_heads) * head_dim;
-  const T* src = qkv + token * (static_cast<int64_t>(n_heads) * head_dim + 2 * kv_dim);
-  T* q_token = q + token * n_heads * head_dim;
-  T* k_token = k + token * kv_dim;
+  const T* src = static_cast<const T*>(p.qkv) + token * (static_cast<int64_t>(n_heads) * head_dim + 2 * kv_dim);
+  T* q_token = static_cast<T*>(p.q) + token * n_heads * head_dim;
+  T* k_token = static_cast<T*>(p.k) + token * kv_dim;
   // Items: (head, pack) over the q heads then the k heads of this token.
   const int32_t packs = half / kVec;
   const int32_t items = (n_heads + n_kv_heads) * packs;
@@ -75,16 +74,14 @@ __global__ void qkv_rope_kernel(const T* __restrict__ qkv, T* __restrict__ q, T*
   // v: the last kv_dim columns of the row, unchanged.
   using P = Pack<T, kVec>;
   const P* v_src = reinterpret_cast<const P*>(src + static_cast<int64_t>(n_heads + n_kv_heads) * head_dim);
-  P* v_dst = reinterpret_cast<P*>(v + token * kv_dim);
+  P* v_dst = reinterpret_cast<P*>(static_cast<T*>(p.v) + token * kv_dim);
   for (int64_t i = threadIdx.x; i < kv_dim / kVec; i += blockDim.x) v_dst[i] = v_src[i];
 }
 
 template <typename T, int kVec>
 void launch_qkv_rope(const QkvRopeParams& p, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(p.head_dim) * sizeof(float);
-  qkv_rope_kernel<T, kVec><<<static_cast<unsigned>(p.n_tokens), kThreads, smem, stream>>>(
-      static_cast<const T*>(p.qkv), static_cast<T*>(p.q), static_cast<T*>(p.k), static_cast<T*>(p.v), p.positions,
-      p.inv_freq, p.n_heads, p.n_kv_heads, p.head_dim);
+  qkv_rope_kernel<T, kVec><<<static_cast<unsigned>(p.n_tokens), kThreads, smem, stream>>>(p);
   MC_CUDA_CHECK_LAUNCH();
 }
 
