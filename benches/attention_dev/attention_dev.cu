@@ -78,9 +78,6 @@ template <typename T>
 struct Problem {
   int32_t n_tokens = 0, max_query_len = 0, max_blocks = 0;
   int64_t max_context = 0;
-  // The decode part: leading entries with exactly one new token; bounds of each part.
-  int32_t n_decode = 0, prefill_max_query_len = 0;
-  int64_t decode_max_context = 0, prefill_max_context = 0;
   KvLayout layout;
   std::vector<int32_t> cu_seqlens, tables;
   std::vector<int64_t> start_pos;
@@ -94,9 +91,6 @@ struct Problem {
     layout.window = c.window;
     layout.ring_blocks = KvLayout::ring_blocks_for(c.window, c.block_size);
     const int32_t n_entries = static_cast<int32_t>(c.entries.size());
-    if (!c.whole_step && !c.force_prefill) {
-      while (n_decode < n_entries && c.entries[n_decode].second == 1) ++n_decode;
-    }
     cu_seqlens.push_back(0);
     std::vector<int32_t> blocks_of(n_entries);
     for (int32_t e = 0; e < n_entries; ++e) {
@@ -107,15 +101,7 @@ struct Problem {
       const int64_t end = start + n;
       blocks_of[e] = layout.ring_blocks > 0 ? layout.ring_blocks : static_cast<int32_t>((end + c.block_size - 1) / c.block_size);
       max_blocks = std::max(max_blocks, blocks_of[e]);
-      int64_t keys = 0;
-      for (int64_t pos = start; pos < end; ++pos) keys = std::max(keys, pos - layout.first_visible(pos) + 1);
-      max_context = std::max(max_context, keys);
-      if (e < n_decode) {
-        decode_max_context = std::max(decode_max_context, keys);
-      } else {
-        prefill_max_query_len = std::max(prefill_max_query_len, n);
-        prefill_max_context = std::max(prefill_max_context, keys);
-      }
+      for (int64_t pos = start; pos < end; ++pos) max_context = std::max(max_context, pos - layout.first_visible(pos) + 1);
     }
     n_tokens = cu_seqlens.back();
     max_blocks = std::max(max_blocks, 1);
@@ -182,11 +168,13 @@ float max_error(const Case& c, uint32_t seed) {
   kv.n_entries = n_entries;
   kv.max_blocks = pr.max_blocks;
   kv.layout = pr.layout;
-  kv.n_tokens = pr.n_tokens;
-  kv.n_decode = pr.n_decode;
-  kv.decode_max_context = pr.decode_max_context;
-  kv.prefill_max_query_len = pr.prefill_max_query_len;
-  kv.prefill_max_context = pr.prefill_max_context;
+  kv.plan_from_host(pr.cu_seqlens.data(), pr.start_pos.data());
+  if (c.whole_step || c.force_prefill) {
+    kv.n_decode = 0;
+    kv.decode_max_context = 0;
+    kv.prefill_max_query_len = pr.max_query_len;
+    kv.prefill_max_context = pr.max_context;
+  }
 
   std::vector<float> ref(out_elems);
   AttentionParamsT<float> cp;
@@ -360,14 +348,7 @@ void bench(int32_t batch, int64_t context, int32_t new_tokens) {
   kv.n_entries = batch;
   kv.max_blocks = blocks_per_seq;
   kv.layout.block_size = B;
-  kv.n_tokens = T;
-  if (new_tokens == 1) {
-    kv.n_decode = batch;
-    kv.decode_max_context = context;
-  } else {
-    kv.prefill_max_query_len = new_tokens;
-    kv.prefill_max_context = context;
-  }
+  kv.plan_from_host(cu.data(), start.data());
   p.tensors.n_heads = H;
   p.tensors.n_kv_heads = KVH;
   p.tensors.head_dim = Dh;

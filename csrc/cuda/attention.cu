@@ -86,7 +86,6 @@ void check_shapes(const AttentionParams& p) {
   }
   if (t.kv.layout.block_size <= 0)
     fail(ErrorKind::kInvalidRequest, "paged_attention: block_size ", t.kv.layout.block_size);
-  if (p.max_query_len <= 0) fail(ErrorKind::kInvalidRequest, "paged_attention: max_query_len ", p.max_query_len);
 }
 
 void check_pointers(const AttentionParamsT<void>& t) {
@@ -145,16 +144,18 @@ void paged_attention(const AttentionParams& p, cudaStream_t stream) {
   check_pointers(p.tensors);
   if (kv.n_decode < 0 || kv.n_decode > kv.n_entries)
     fail(ErrorKind::kInvalidRequest, "paged_attention: n_decode ", kv.n_decode, " outside 0..", kv.n_entries);
-  if (!decode_kernel_fits(p)) {
-    run_prefill(p, stream);
-    return;
-  }
-  if (kv.n_decode == 0) {
-    // No decode part named: one kernel for the whole step, by its longest entry.
-    if (p.max_query_len > 1) {
-      run_prefill(p, stream);
+  if (kv.n_decode == 0 || !decode_kernel_fits(p)) {
+    // One kernel for the whole step: the decode kernel when no entry has more than one new
+    // token and the query group fits it, else the prefill kernel (named decode entries have
+    // one token each, whatever bound the caller derived from the others).
+    AttentionParams whole = p;
+    whole.max_query_len = std::max(p.max_query_len, kv.n_decode > 0 ? 1 : 0);
+    if (whole.max_query_len <= 0)
+      fail(ErrorKind::kInvalidRequest, "paged_attention: max_query_len ", p.max_query_len);
+    if (whole.max_query_len == 1 && decode_kernel_fits(p)) {
+      run_decode(whole, stream);
     } else {
-      run_decode(p, stream);
+      run_prefill(whole, stream);
     }
     return;
   }

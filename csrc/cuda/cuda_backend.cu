@@ -161,6 +161,10 @@ class CudaBackend : public Backend {
     cuda::silu_mul(p, stream_);
   }
   void moe(const MoeParams& p) override;
+  void moe_route(const MoeRouteParams& p) override {
+    use_device();
+    cuda::moe_route(p, stream_);
+  }
 
  private:
   // The caller (torch, another engine) may switch the thread's current device between calls;
@@ -293,7 +297,7 @@ void CudaBackend::moe(const MoeParams& p) {
   route.n_tokens = experts.n_tokens;
   route.n_experts = experts.n_experts;
   route.top_k = experts.top_k;
-  moe_route(route, stream_);
+  cuda::moe_route(route, stream_);
 
   experts.expert_offsets = route.expert_offsets;
   experts.sorted_pairs = route.sorted_pairs;

@@ -13,22 +13,13 @@
 #include <cstdint>
 
 #include "core/dtype.h"
+#include "core/op_params.h"
 #include "cuda/common.cuh"
 
 namespace mc::cuda {
 
-// Router logits -> per-token top-k (route_top_k of core/op_params.h: ties to the lower expert,
-// weights = softmax over the chosen logits), then pairs grouped by expert.
-struct MoeRouteParams {
-  const float* router_logits = nullptr;  // [T, E] f32 (the router GEMM writes f32)
-  int32_t* expert_ids = nullptr;         // [T, K]
-  float* weights = nullptr;              // [T, K]
-  int32_t* expert_offsets = nullptr;     // [E + 1]: expert e owns sorted_pairs[offsets[e] .. offsets[e+1])
-  int32_t* sorted_pairs = nullptr;       // [P] pair index t * K + k, grouped by expert, ascending within one
-  int32_t n_tokens = 0;
-  int32_t n_experts = 0;                 // <= 64
-  int32_t top_k = 0;                     // <= 8
-};
+// Router logits -> per-token top-k, then pairs grouped by expert (MoeRouteParams of
+// core/op_params.h). n_experts <= 64, top_k <= 8.
 void moe_route(const MoeRouteParams& p, cudaStream_t stream);
 
 // Expert weights are stacked per layer: w13 [E, 2F, D] (rows 0..F-1 = w1, F..2F-1 = w3 of each
