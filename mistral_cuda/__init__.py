@@ -13,7 +13,8 @@ from mistral_cuda._C import (
 )
 from mistral_cuda import sampling
 from mistral_cuda.engine import Engine, Stream
-from mistral_cuda.generation import CompletionOutput
+from mistral_cuda.generation import CompletionOutput, RequestOutput
+from mistral_cuda.llm import LLM
 from mistral_cuda.sampling import SamplingParams, TokenLogprob
 from mistral_cuda.tokenizer import StreamDecoder, Tokenizer
 
@@ -26,8 +27,10 @@ __all__ = [
     "Engine",
     "Error",
     "InvalidRequestError",
+    "LLM",
     "ModelConfig",
     "ModelNotFoundError",
+    "RequestOutput",
     "SamplingParams",
     "Stream",
     "StreamDecoder",

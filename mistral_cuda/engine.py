@@ -33,14 +33,27 @@ def _dtype_name(dtype: Union[None, str, torch.dtype]) -> Optional[str]:
     raise TypeError(f"dtype must be None, a str or a torch.dtype, got {type(dtype).__name__}")
 
 
-def _model_options(device: str, dtype, block_size: int, num_blocks: Optional[int], mmap: bool) -> _C.ModelOptions:
+def _model_options(
+    device: str, dtype, block_size: int, num_blocks: Optional[int], mmap: bool, limits=(64, 2048)
+) -> _C.ModelOptions:
     options = _C.ModelOptions()
     options.device = device
     options.dtype = _dtype_name(dtype)
     options.block_size = block_size
     options.num_blocks = 0 if num_blocks is None else num_blocks
     options.mmap = bool(mmap)
+    options.max_step_seqs, options.max_step_tokens = limits
     return options
+
+
+def _limits(max_num_seqs, max_num_batched_tokens, max_batch_size, prefill_chunk):
+    """(max_num_seqs, max_num_batched_tokens) from the vLLM names or their older aliases."""
+    seqs = max_batch_size if max_batch_size is not None else max_num_seqs
+    tokens = prefill_chunk if prefill_chunk is not None else max_num_batched_tokens
+    for name, value in (("max_num_seqs", seqs), ("max_num_batched_tokens", tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return seqs, max(tokens, seqs)
 
 
 def _prepare_device(device: str) -> None:
@@ -55,15 +68,30 @@ class Engine:
         self,
         model: _C.Model,
         tokenizer: Optional[Tokenizer] = None,
-        max_batch_size: int = 64,
-        prefill_chunk: int = 512,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_batch_size: Optional[int] = None,
+        prefill_chunk: Optional[int] = None,
     ):
-        if max_batch_size < 1 or prefill_chunk < 1:
-            raise ValueError("max_batch_size and prefill_chunk must be >= 1")
+        seqs, tokens = _limits(max_num_seqs, max_num_batched_tokens, max_batch_size, prefill_chunk)
         self._model = model
         self._tokenizer = tokenizer
-        self.max_batch_size = max_batch_size
-        self.prefill_chunk = prefill_chunk
+        # Bounded by the passes the model was loaded for (its workspaces).
+        self.max_num_batched_tokens = min(tokens, model.max_step_tokens)
+        self.max_num_seqs = min(seqs, self.max_num_batched_tokens)
+        self._scheduler: Optional[_C.Scheduler] = None
+
+    @property
+    def max_batch_size(self) -> int:
+        """The older name of max_num_seqs."""
+        return self.max_num_seqs
+
+    @property
+    def scheduler(self) -> _C.Scheduler:
+        """The core's scheduler every generation of this engine runs on."""
+        if self._scheduler is None:
+            self._scheduler = _C.Scheduler(self._model, self.max_num_seqs, self.max_num_batched_tokens)
+        return self._scheduler
 
     @classmethod
     def from_pretrained(
@@ -75,9 +103,11 @@ class Engine:
         num_blocks: Optional[int] = None,
         progress: bool = True,
         tokenizer: Union[None, str, os.PathLike, Tokenizer] = None,
-        max_batch_size: int = 64,
-        prefill_chunk: int = 512,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
         mmap: bool = True,
+        max_batch_size: Optional[int] = None,
+        prefill_chunk: Optional[int] = None,
     ) -> "Engine":
         """Loads a Hugging Face (config.json) or Mistral consolidated (params.json) directory.
 
@@ -92,7 +122,9 @@ class Engine:
         for four full-length sequences, capped near 8 GiB). progress: show a progress bar.
         tokenizer: a SentencePiece file or a Tokenizer; by default the directory's own
         (tokenizer.model.v3, tokenizer.model, ...). Without one, prompts must be token ids.
-        max_batch_size: sequences decoded together; prefill_chunk: prompt tokens per step.
+        max_num_seqs: sequences the scheduler runs together (alias: max_batch_size);
+        max_num_batched_tokens: tokens of one step, decode tokens first and prompt chunks in the
+        rest (alias: prefill_chunk).
         """
         if tokenizer is None:
             found = find_tokenizer_file(model_dir) if Path(model_dir).is_dir() else None
@@ -107,12 +139,13 @@ class Engine:
             bar.update(done - bar.n)
 
         try:
-            options = _model_options(device, dtype, block_size, num_blocks, mmap)
+            limits = _limits(max_num_seqs, max_num_batched_tokens, max_batch_size, prefill_chunk)
+            options = _model_options(device, dtype, block_size, num_blocks, mmap, limits)
             options.progress = report
             model = _C.Model.load(os.fspath(model_dir), options)
         finally:
             bar.close()
-        engine = cls(model, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
+        engine = cls(model, tokenizer, *limits)
         if tokenizer is not None and tokenizer.vocab_size > engine.config.vocab_size:
             raise _C.CheckpointError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {engine.config.vocab_size}"
@@ -129,15 +162,18 @@ class Engine:
         block_size: int = 16,
         num_blocks: Optional[int] = None,
         tokenizer: Union[None, str, os.PathLike, Tokenizer] = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
     ) -> "Engine":
         """A model of `config` (e.g. ModelConfig.preset("mistral-7b-v0.1")) with random weights
         drawn from `seed` directly on the device: for benchmarks without a checkpoint. The same
         seed gives the same weights on the CPU and on CUDA (up to the dtype's rounding)."""
         _prepare_device(device)
-        model = _C.Model.from_config(config, seed, _model_options(device, dtype, block_size, num_blocks, True))
+        limits = _limits(max_num_seqs, max_num_batched_tokens, None, None)
+        model = _C.Model.from_config(config, seed, _model_options(device, dtype, block_size, num_blocks, True, limits))
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_file(tokenizer)
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, *limits)
 
     @property
     def config(self) -> _C.ModelConfig:
@@ -183,51 +219,68 @@ class Engine:
                 raise _C.InvalidRequestError(f"prompt {i} must be a str or a list of int token ids")
         return result
 
-    def _requests(self, prompts, params) -> List[Request]:
+    def _requests(self, prompts, params) -> List[List[Request]]:
+        """The requests of each prompt: params.n samples each, sharing a seed on distinct streams."""
         ids = self._prompt_ids(prompts)
         if params is None:
             params = SamplingParams()
         per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(ids)
         if len(per_prompt) != len(ids):
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(ids)} prompts")
-        requests = []
+        tok = self._tokenizer
+        # Ids past the tokenizer's vocabulary (a padded embedding) can never be sampled: the
+        # generation never produces an id it cannot turn into text.
+        vocab_limit = tok.vocab_size if tok is not None and tok.vocab_size < self.config.vocab_size else 0
+        groups = []
         for index, (prompt_ids, p) in enumerate(zip(ids, per_prompt)):
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"params must be SamplingParams, got {type(p).__name__}")
             generation.check_prompt(prompt_ids, self.config, index)
             if p.stop_strings:
                 self._require_tokenizer("a stop string")
-            tok = self._tokenizer
-            requests.append(
-                Request(
-                    index=index,
-                    prompt_ids=prompt_ids,
-                    params=p,
-                    eos_id=tok.eos_id if tok is not None else None,
-                    decoder=tok.stream_decoder(prompt_ids) if tok is not None else None,
-                )
+            seed = p.seed if p.seed is not None else generation.new_seed()
+            groups.append(
+                [
+                    Request(
+                        index=index,
+                        prompt_ids=prompt_ids,
+                        params=p,
+                        eos_id=tok.eos_id if tok is not None else None,
+                        decoder=tok.stream_decoder(prompt_ids) if tok is not None else None,
+                        seed=seed,
+                        sample_index=sample,
+                        vocab_limit=vocab_limit,
+                    )
+                    for sample in range(p.n)
+                ]
             )
-        return requests
+        return groups
 
     def _run(self, requests: List[Request]) -> Iterator[Request]:
-        return generation.run(self._model, requests, self.max_batch_size, self.prefill_chunk)
+        return generation.run(self.scheduler, requests)
+
+    def generate_requests(self, prompts, params=None) -> List[List[CompletionOutput]]:
+        """Completes every prompt (batched together): the n CompletionOutputs of each prompt."""
+        groups = self._requests(prompts, params)
+        for _ in self._run([r for group in groups for r in group]):
+            pass
+        return [[r.output() for r in group] for group in groups]
 
     def generate(
         self, prompts, params: Union[None, SamplingParams, Sequence[SamplingParams]] = None
     ) -> List[CompletionOutput]:
-        """Completes every prompt (batched together); one CompletionOutput per prompt, in order.
+        """Completes every prompt (batched together); one CompletionOutput per prompt, in order
+        (with params.n > 1: the list of its n CompletionOutputs).
 
         A str prompt is plain completion: encoded with BOS, no chat template (see chat())."""
-        requests = self._requests(prompts, params)
-        for _ in self._run(requests):
-            pass
-        return [request.output() for request in requests]
+        return [group[0] if len(group) == 1 else group for group in self.generate_requests(prompts, params)]
 
     def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None) -> "Stream":
         """Iterates over the text deltas of one completion; `.output` holds it once done."""
-        requests = self._requests([prompt] if isinstance(prompt, str) else prompt, params)
-        if len(requests) != 1:
-            raise _C.InvalidRequestError("stream() takes one prompt")
+        groups = self._requests([prompt] if isinstance(prompt, str) else prompt, params)
+        if len(groups) != 1 or len(groups[0]) != 1:
+            raise _C.InvalidRequestError("stream() takes one prompt and n=1")
+        requests = groups[0]
         return Stream(self._run(requests), requests[0])
 
     def chat(
@@ -281,5 +334,9 @@ class Stream:
         self.output = self._request.output()
 
     def close(self) -> None:
-        """Stops early and frees the sequence."""
+        """Stops early and frees the sequence; `.output` then holds what was produced
+        (finish_reason "abort" unless it had finished)."""
         self._events.close()
+        if self.output is None:
+            self._request._finish("abort")
+            self.output = self._request.output()

@@ -1,29 +1,28 @@
-"""Batched generation: requests advance together through shared forward steps.
+"""Generation on the core's scheduler (csrc/runtime/scheduler.h).
 
-Each step feeds every active request either its next prompt chunk (prefill) or its last
-sampled token (decode), so prompts of any length and decoding sequences share one
-`model.step` call. A request samples with its own torch.Generator, so on the CPU backend its
-tokens do not depend on what else is in the batch.
+The C++ scheduler batches requests continuously (decodes every running request each step,
+fills the rest of a token budget with prompt chunks, preempts and recomputes when the KV cache
+runs out), samples on the backend and decides token-level finishes (EOS, stop token ids,
+max_tokens, max_seq_len). Python keeps what needs text: detokenization, stop strings (a hit
+aborts the request in the core), streaming deltas and the outputs.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional
-
-import torch
+from typing import Dict, Iterator, List, Optional, Union
 
 from mistral_cuda import _C
-from mistral_cuda.sampling import SamplingParams, TokenLogprob, sample_next, token_logprob
+from mistral_cuda.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass
 class CompletionOutput:
-    """One finished completion. finish_reason: "stop" (EOS, a stop token or a stop string) or
-    "length" (max_tokens, or the model's max_seq_len)."""
+    """One completion. finish_reason: "stop" (EOS, a stop token or a stop string), "length"
+    (max_tokens, or the model's max_seq_len) or "abort" (cancelled, e.g. Stream.close()).
+    stop_reason: the stop string or stop token id that ended it (None for EOS or length)."""
 
     text: str
     token_ids: List[int]
@@ -33,85 +32,109 @@ class CompletionOutput:
     # Seconds from the request's start to its first token (prefill), and from there to the end.
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    stop_reason: Union[None, int, str] = None
+    cumulative_logprob: Optional[float] = None
+    index: int = 0
+
+
+@dataclass
+class RequestOutput:
+    """vLLM's shape: a prompt and its n completions."""
+
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: List[int]
+    outputs: List[CompletionOutput]
+    finished: bool
 
 
 @dataclass
 class Request:
-    """A prompt in flight: its cache sequence, sampled tokens, text and stream position."""
+    """One completion in flight: its core request, sampled tokens, text and stream position."""
 
     index: int
     prompt_ids: List[int]
     params: SamplingParams
     eos_id: Optional[int]
     decoder: Optional[object]  # tokenizer.StreamDecoder; None without a tokenizer
-    generator: torch.Generator = field(init=False)
-    seq: Optional[int] = None
-    prefilled: int = 0
+    seed: int = 0
+    sample_index: int = 0  # which of the prompt's n samples
+    vocab_limit: int = 0   # ids the tokenizer can decode (0: all the model's)
+    core_id: Optional[int] = None
     generated: List[int] = field(default_factory=list)
-    seen: set = field(default_factory=set)
     logprobs: Optional[List[TokenLogprob]] = None
+    cumulative_logprob: float = 0.0
     text: str = ""
     emitted: int = 0
     finish_reason: Optional[str] = None
+    stop_reason: Union[None, int, str] = None
     started: float = 0.0
     first_token: float = 0.0
     finished: float = 0.0
 
     def __post_init__(self) -> None:
-        seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.seen = set(self.prompt_ids)
         if self.params.logprobs is not None:
             self.logprobs = []
         self._hold = max((len(s) for s in self.params.stop_strings), default=1) - 1
 
-    def next_tokens(self, prefill_chunk: int) -> List[int]:
-        if self.prefilled < len(self.prompt_ids):
-            return self.prompt_ids[self.prefilled : self.prefilled + prefill_chunk]
-        return [self.generated[-1]]
+    def core_params(self) -> "_C.RequestParams":
+        p, c = self.params, _C.RequestParams()
+        c.temperature = p.temperature
+        c.top_k = max(p.top_k, 0)
+        c.top_p = p.top_p
+        c.min_p = p.min_p
+        c.repetition_penalty = p.repetition_penalty
+        c.presence_penalty = p.presence_penalty
+        c.frequency_penalty = p.frequency_penalty
+        c.vocab_limit = self.vocab_limit
+        c.seed = self.seed
+        c.stream = self.sample_index
+        c.logprobs = -1 if p.logprobs is None else p.logprobs
+        c.logit_bias = sorted((p.logit_bias or {}).items())
+        c.max_tokens = p.max_tokens
+        c.min_tokens = p.min_tokens
+        c.stop_token_ids = list(p.stop_token_ids or [])
+        c.eos_id = -1 if self.eos_id is None else self.eos_id
+        c.ignore_eos = p.ignore_eos
+        return c
 
-    def on_logits(self, fed: int, logits: torch.Tensor, max_seq_len: Optional[int]) -> None:
-        """Takes the logits of the step that consumed `fed` tokens; samples once the prompt is in."""
-        if self.prefilled < len(self.prompt_ids):
-            self.prefilled += fed
-            if self.prefilled < len(self.prompt_ids):
-                return
-        token = sample_next(logits, self.params, self.generator, self.seen)
+    def on_token(self, token: int, logprob: float, rank: int, top, finish: str, stop_token: int) -> None:
+        """Takes one sampled token and the core's finish decision for it."""
         if not self.generated:
             self.first_token = time.perf_counter()
         self.generated.append(token)
-        self.seen.add(token)
         if self.logprobs is not None:
-            self.logprobs.append(token_logprob(logits, token, self.params.logprobs))
-        if token == self.eos_id and not self.params.ignore_eos:
-            self._finish("stop")
-        elif self.params.stop_token_ids and token in self.params.stop_token_ids:
-            self._finish("stop")
-        else:
-            if self.decoder is not None:
-                self._append_text(self.decoder.push(token))
-            if self.finish_reason is None and len(self.generated) >= self.params.max_tokens:
-                self._finish("length")
-            elif self.finish_reason is None and max_seq_len is not None and self.next_position() >= max_seq_len:
-                self._finish("length")
-
-    def next_position(self) -> int:
-        return len(self.prompt_ids) + len(self.generated)
+            top_logprobs = {int(i): float(v) for i, v in top}
+            top_logprobs[token] = float(logprob)
+            self.logprobs.append(TokenLogprob(token_id=token, logprob=float(logprob), top_logprobs=top_logprobs, rank=rank))
+            self.cumulative_logprob += float(logprob)
+        is_stop_id = finish == "stop"
+        if self.decoder is not None and not is_stop_id:
+            self._append_text(self.decoder.push(token))
+        if finish and self.finish_reason is None:
+            if is_stop_id and token != self.eos_id:
+                self.stop_reason = token
+            self._finish(finish)
 
     def _append_text(self, new: str) -> None:
-        if not new:
+        if not new or self.finish_reason is not None:
             return
         # A stop string may straddle the old text and the new: search from where one could start.
         search_from = max(0, len(self.text) - self._hold)
         self.text += new
-        cut = min((i for i in (self.text.find(s, search_from) for s in self.params.stop_strings) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = self.text[:cut]
+        if not self.params.stop_strings or len(self.generated) < self.params.min_tokens:
+            return
+        # The stop string completed earliest in the text wins (vLLM's rule).
+        hits = [(i + len(s), i, s) for s in self.params.stop_strings for i in [self.text.find(s, search_from)] if i >= 0]
+        if hits:
+            end, start, stop = min(hits)
+            self.text = self.text[: end if self.params.include_stop_str_in_output else start]
+            self.stop_reason = stop
             self.finish_reason = "stop"
             self.finished = time.perf_counter()
 
     def _finish(self, reason: str) -> None:
-        if self.decoder is not None:
+        if self.decoder is not None and reason != "abort":
             self._append_text(self.decoder.flush())
         if self.finish_reason is None:
             self.finish_reason = reason
@@ -135,42 +158,47 @@ class Request:
             logprobs=self.logprobs,
             prefill_seconds=first - self.started,
             decode_seconds=self.finished - first,
+            stop_reason=self.stop_reason,
+            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
+            index=self.sample_index,
         )
 
 
-def run(model, requests: List[Request], max_batch_size: int, prefill_chunk: int) -> Iterator[Request]:
-    """Advances all requests to completion; yields a request whenever it has new text or ends.
+def new_seed() -> int:
+    """A seed for a request that gave none (its n samples share it, on distinct streams)."""
+    return secrets.randbits(63)
 
-    Sequences are freed when their request ends, and all of them if the caller stops early
-    or a step fails.
-    """
-    config = model.config
-    max_seq_len = None if config.sliding_window is not None else config.max_seq_len
-    waiting = deque(requests)
-    active: List[Request] = []
+
+def run(scheduler: "_C.Scheduler", requests: List[Request]) -> Iterator[Request]:
+    """Advances the requests to completion on the scheduler; yields a request whenever it has a
+    new token or ends. Requests still unfinished when the caller stops early, or when anything
+    raises (Ctrl-C included), are aborted in the core, which frees their blocks."""
+    by_core_id: Dict[int, Request] = {}
     try:
-        while waiting or active:
-            while waiting and len(active) < max_batch_size:
-                request = waiting.popleft()
-                request.seq = model.add_sequence()
-                request.started = time.perf_counter()
-                active.append(request)
-            fed = [request.next_tokens(prefill_chunk) for request in active]
-            logits = model.step([(r.seq, tokens) for r, tokens in zip(active, fed)])
-            for request, tokens, row in zip(active, fed, logits):
-                before = len(request.generated)
-                request.on_logits(len(tokens), row, max_seq_len)
-                if len(request.generated) != before:
-                    yield request
-            for request in [r for r in active if r.finish_reason]:
-                model.free_sequence(request.seq)
-                request.seq = None
-                active.remove(request)
+        for request in requests:
+            request.started = time.perf_counter()
+            request.core_id = scheduler.add(request.prompt_ids, request.core_params())
+            by_core_id[request.core_id] = request
+        while by_core_id:
+            updates = scheduler.step()
+            if not updates and scheduler.stats["last_batch_tokens"] == 0:
+                raise _C.CacheFullError(
+                    "no request could be scheduled: the KV cache is held by sequences outside the scheduler"
+                )
+            for core_id, token, logprob, rank, top, finish, stop_token in updates:
+                request = by_core_id.get(core_id)
+                if request is None:
+                    continue
+                request.on_token(token, logprob, rank, top, finish, stop_token)
+                if request.finish_reason is not None:
+                    if not finish:  # a stop string: the core still runs it
+                        scheduler.abort(core_id)
+                    del by_core_id[core_id]
+                yield request
     finally:
-        for request in active:
-            if request.seq is not None:
-                model.free_sequence(request.seq)
-                request.seq = None
+        for core_id, request in by_core_id.items():
+            scheduler.abort(core_id)
+            request._finish("abort")
 
 
 def check_prompt(prompt_ids: List[int], config, index: int) -> None:

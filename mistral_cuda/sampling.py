@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Union
 
+import numpy as np
 import torch
 
 MAX_LOGPROBS = 20
@@ -21,49 +22,87 @@ def _is_number(value) -> bool:
 
 @dataclass
 class SamplingParams:
-    """How to pick each new token and when to stop.
+    """How to pick each new token and when to stop, with vLLM's field names and semantics.
 
-    temperature 0 is greedy. top_k 0 or -1, top_p 1 and min_p 0 disable their filter. stop
-    strings are cut from the text; stop_token_ids and EOS end the completion too (unless
-    ignore_eos). logprobs=k returns the chosen token's log-probability and the k most likely
-    tokens at each step (raw model distribution). seed makes sampling reproducible.
+    Applied in vLLM V1's order: logit_bias and the min_tokens mask (EOS and stop_token_ids
+    masked until min_tokens tokens exist), penalties (repetition_penalty on prompt and output
+    tokens: positive logits divided, negative multiplied; presence_penalty once per token seen
+    in the output; frequency_penalty times its count), then temperature (0 = greedy), then
+    min_p, top_k and top_p in sequence, each on the distribution the previous left
+    (renormalized). top_k 0 or -1, top_p 1 and min_p 0 disable their filter.
+
+    n samples per prompt. stop strings end the completion where the one completed earliest in
+    the text starts (kept in the text with include_stop_str_in_output); stop_token_ids and EOS
+    end it too (unless ignore_eos). logprobs=k returns, per generated token, its log-probability
+    and rank and the k most likely tokens (raw model distribution; the sampled token always
+    included). seed (0..2**64-1) makes sampling reproducible: a seeded request's tokens depend
+    on neither the batch nor preemptions.
     """
 
+    n: int = 1
+    best_of: Optional[int] = None
     max_tokens: int = 64
+    min_tokens: int = 0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[Dict[int, float]] = None
     seed: Optional[int] = None
     stop: Union[None, str, List[str]] = None
     stop_token_ids: Optional[List[int]] = None
+    include_stop_str_in_output: bool = False
     logprobs: Optional[int] = None
     ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     stop_strings: List[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"SamplingParams.{name} must be {expected}, got {getattr(self, name)!r}")
 
+        def finite(name: str, low=None, low_open=False, high=None) -> None:
+            v = getattr(self, name)
+            ok = _is_number(v) and math.isfinite(v)
+            ok = ok and (low is None or (v > low if low_open else v >= low)) and (high is None or v <= high)
+            if not ok:
+                bounds = []
+                if low is not None:
+                    bounds.append(f"{'>' if low_open else '>='} {low}")
+                if high is not None:
+                    bounds.append(f"<= {high}")
+                raise bad(name, "a finite number" + (" " + " and ".join(bounds) if bounds else ""))
+
+        if not _is_int(self.n) or self.n < 1:
+            raise bad("n", "an int >= 1")
+        if self.best_of is not None and (not _is_int(self.best_of) or self.best_of != self.n):
+            raise bad("best_of", f"None or equal to n ({self.n})")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise bad("max_tokens", "an int >= 1")
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "a finite number >= 0")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad("min_tokens", f"an int in [0, max_tokens={self.max_tokens}]")
+        finite("temperature", 0)
         if not _is_int(self.top_k) or self.top_k < -1:
             raise bad("top_k", "an int >= -1 (0 or -1 disable it)")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "a number in (0, 1]")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "a number in [0, 1]")
-        if (
-            not _is_number(self.repetition_penalty)
-            or not math.isfinite(self.repetition_penalty)
-            or self.repetition_penalty <= 0
-        ):
-            raise bad("repetition_penalty", "a finite number > 0")
-        if self.seed is not None and not _is_int(self.seed):
-            raise bad("seed", "None or an int")
+        finite("repetition_penalty", 0, low_open=True)
+        finite("presence_penalty", -2, high=2)
+        finite("frequency_penalty", -2, high=2)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                _is_int(k) and k >= 0 and _is_number(v) and math.isfinite(v) and -100 <= v <= 100
+                for k, v in self.logit_bias.items()
+            ):
+                raise bad("logit_bias", "None or a dict {token id >= 0: bias in [-100, 100]}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise bad("seed", "None or an int in [0, 2**64 - 1]")
         if isinstance(self.stop, str):
             stops = [self.stop]
         elif self.stop is None:
@@ -82,8 +121,9 @@ class SamplingParams:
             raise bad("stop_token_ids", "None or a list of ints >= 0")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"None or an int in [0, {MAX_LOGPROBS}]")
-        if not isinstance(self.ignore_eos, bool):
-            raise bad("ignore_eos", "a bool")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "a bool")
 
 
 @dataclass
@@ -92,60 +132,134 @@ class TokenLogprob:
 
     token_id: int
     logprob: float
-    top_logprobs: Dict[int, float]
+    top_logprobs: Dict[int, float]  # the k most likely tokens, and the sampled one
+    rank: int = 0                   # 1 + tokens more likely than the sampled one
 
 
-def apply_repetition_penalty(logits: torch.Tensor, context_ids: Iterable[int], penalty: float) -> torch.Tensor:
-    """Makes tokens already seen less likely: positive logits are divided by the penalty,
-    negative ones multiplied (the CTRL / transformers / vLLM rule)."""
-    ids = sorted(set(context_ids))
-    if penalty == 1.0 or not ids:
-        return logits
-    index = torch.tensor(ids, dtype=torch.long)
-    seen = logits[index]
-    logits = logits.clone()
-    logits[index] = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits
+# ---- the reference sampler (what the backend sampling op computes, written plainly) ----
+
+_MASK64 = (1 << 64) - 1
 
 
-def allowed_tokens(probs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Bool mask [vocab] of the tokens top-k, top-p and min-p all keep, each judged on `probs`."""
-    allowed = torch.ones_like(probs, dtype=torch.bool)
-    if 0 < params.top_k < probs.numel():
-        kth_largest = torch.topk(probs, params.top_k).values[-1]
-        allowed &= probs >= kth_largest
-    if params.top_p < 1.0:
-        allowed &= _nucleus(probs, params.top_p)
-    if params.min_p > 0.0:
-        allowed &= probs >= params.min_p * probs.max()
-    return allowed
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on uint64 arrays (core/random.h mix64)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
-def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keeps a token while the mass ranked strictly above it (by probability, ties to the lower
-    id) is below top_p, so the most likely token always stays.
+def sampling_noise(seed: int, stream: int, position: int, ids: np.ndarray) -> np.ndarray:
+    """Gumbel noise float64 [len(ids)] of one draw (core/op_params.h sampling_noise)."""
+    with np.errstate(over="ignore"):
+        key = _mix64(np.array([seed ^ 0x5851F42D4C957F2D], dtype=np.uint64))
+        key = _mix64(key + np.uint64(stream) * np.uint64(0x9E3779B97F4A7C15))
+        bits = _mix64(_mix64(key + np.uint64(position & _MASK64)) ^ (ids.astype(np.uint64) * np.uint64(0xD1B54A32D192ED03)))
+    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 9007199254740992.0)
+    return -np.log(-np.log(u))
 
-    Ranks only the top candidates, growing them until they hold top_p of the mass: a full
-    sort of a 32k vocabulary costs milliseconds per token."""
-    vocab = probs.numel()
-    values, ids = probs, torch.arange(vocab)  # fallback: rank everything (already in id order)
-    k = 64
-    while k <= vocab // 8:
-        top_values, top_ids = torch.topk(probs, k)
-        # Enough mass, and no tie straddling the cut-off that could leave out a lower id.
-        if top_values.sum() >= top_p and int((probs == top_values[-1]).sum()) == int(
-            (top_values == top_values[-1]).sum()
-        ):
-            by_id = torch.argsort(top_ids)
-            values, ids = top_values[by_id], top_ids[by_id]
-            break
-        k *= 4
-    order = torch.argsort(values, descending=True, stable=True)
-    values, ids = values[order], ids[order]
-    mass_above = torch.cat([values.new_zeros(1), torch.cumsum(values, 0)[:-1]])
-    keep = torch.zeros_like(probs, dtype=torch.bool)
-    keep[ids[mass_above < top_p]] = True
-    return keep
+
+@dataclass
+class SampleRow:
+    """One row of the sampler's input besides its logits (core/op_params.h SamplingControls and
+    the row's lists), in the fields the op binding takes."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    vocab_limit: int = 0
+    seed: int = 0
+    stream: int = 0
+    position: int = 0
+    logprobs: int = -1
+    history_ids: List[int] = field(default_factory=list)
+    output_counts: List[int] = field(default_factory=list)
+    logit_bias: List[tuple] = field(default_factory=list)
+    banned: List[int] = field(default_factory=list)
+
+
+def reference_sample(logits: torch.Tensor, row: SampleRow):
+    """(token, logprob, rank, [(id, logprob)] top n) for float32 logits [V], computed as the
+    backend op does (same float32 steps, same noise): the readable reference the op is tested
+    against."""
+    f32 = np.float32
+    raw = logits.detach().to(torch.float32).cpu().numpy()
+    x = raw.copy()
+    V = x.size
+    if row.vocab_limit > 0:
+        x[row.vocab_limit :] = -np.inf
+    for i in row.banned:
+        x[i] = -np.inf
+    for i, b in row.logit_bias:
+        x[i] = f32(x[i] + f32(b))
+    rp, pp, fp = f32(row.repetition_penalty), f32(row.presence_penalty), f32(row.frequency_penalty)
+    for i, count in zip(row.history_ids, row.output_counts):
+        v = x[i]
+        if rp != f32(1):
+            v = f32(v / rp) if v > 0 else f32(v * rp)
+        if count > 0:
+            v = f32(v - f32(pp + f32(fp * f32(count))))
+        x[i] = v
+    if f32(row.temperature) == 0:
+        token = int(np.argmax(x))
+    else:
+        x = (x / f32(row.temperature)).astype(np.float32)
+        if f32(row.min_p) > 0:
+            threshold = float(x.max()) + math.log(float(f32(row.min_p)))
+            x[x.astype(np.float64) < threshold] = -np.inf
+        if 0 < row.top_k < V:
+            kth = np.sort(x)[::-1][row.top_k - 1]
+            x[x < kth] = -np.inf
+        if f32(row.top_p) < 1:
+            top = float(x.max())
+            kept = np.nonzero(x != -np.inf)[0]
+            total = np.cumsum(np.exp(x[kept].astype(np.float64) - top))[-1]
+            order = sorted(kept.tolist(), key=lambda i: (-float(x[i]), i))
+            above = 0.0
+            for i in order:
+                if above >= float(f32(row.top_p)):
+                    x[i] = -np.inf
+                else:
+                    above += math.exp(float(x[i]) - top) / total
+        kept = np.nonzero(x != -np.inf)[0]
+        if kept.size == 0:
+            token = int(np.argmax(x))
+        else:
+            scores = x[kept].astype(np.float64) + sampling_noise(row.seed, row.stream, row.position, kept)
+            token = int(kept[int(np.argmax(scores))])
+    if row.logprobs < 0:
+        return token, 0.0, 0, []
+    top = float(raw.max())
+    log_norm = top + math.log(float(np.cumsum(np.exp(raw.astype(np.float64) - top))[-1]))
+    rank = 1 + int((raw > raw[token]).sum())
+    order = sorted(range(V), key=lambda i: (-float(raw[i]), i))[: min(row.logprobs, MAX_LOGPROBS, V)]
+    return token, float(f32(float(raw[token]) - log_norm)), rank, [(i, float(f32(float(raw[i]) - log_norm))) for i in order]
+
+
+def row_for(params: SamplingParams, seed: int, stream: int, position: int, prompt_ids, output_ids,
+            eos_id: Optional[int], vocab_limit: int = 0) -> SampleRow:
+    """The sampler row of a request's next token (what the scheduler gives the op)."""
+    counts: Dict[int, int] = {}
+    for t in output_ids:
+        counts[t] = counts.get(t, 0) + 1
+    history = list(dict.fromkeys(list(prompt_ids) + list(output_ids)))
+    banned: List[int] = []
+    if len(output_ids) < params.min_tokens:
+        if eos_id is not None and not params.ignore_eos:
+            banned.append(eos_id)
+        banned += list(params.stop_token_ids or [])
+    return SampleRow(
+        temperature=params.temperature, top_k=max(params.top_k, 0), top_p=params.top_p, min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty, vocab_limit=vocab_limit, seed=seed, stream=stream,
+        position=position, logprobs=-1 if params.logprobs is None else params.logprobs, history_ids=history,
+        output_counts=[counts.get(t, 0) for t in history], logit_bias=sorted((params.logit_bias or {}).items()),
+        banned=banned)
 
 
 def sample_next(
@@ -154,26 +268,17 @@ def sample_next(
     generator: Optional[torch.Generator],
     context_ids: Iterable[int] = (),
 ) -> int:
-    """Picks the next token from raw logits [vocab] (prompt + generated ids in context_ids)."""
-    logits = apply_repetition_penalty(logits.float(), context_ids, params.repetition_penalty)
-    if params.temperature == 0:
-        return int(torch.argmax(logits))  # the first maximum: ties go to the lower id
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    allowed = allowed_tokens(probs, params)
-    probs = torch.where(allowed, probs, torch.zeros_like(probs))
-    # Inverse-CDF draw: the first token whose cumulative mass exceeds u. A zero-probability
-    # token never is that first one; rounding past the end falls back to the last allowed.
-    cdf = torch.cumsum(probs.double(), 0)
-    u = torch.rand(1, generator=generator, dtype=torch.float64) * cdf[-1]
-    index = int(torch.searchsorted(cdf, u, right=True))
-    if index >= probs.numel() or not allowed[index]:
-        index = int(allowed.nonzero()[-1])
-    return index
+    """Picks the next token from raw logits [vocab] with the reference sampler, the context ids
+    counting as the prompt (repetition penalty); the draw's seed comes from `generator`."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return reference_sample(logits, row_for(params, seed, 0, 0, list(context_ids), [], None))[0]
 
 
 def token_logprob(logits: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
-    """Log-probability of `token_id` and the top k under the raw model distribution."""
+    """Log-probability and rank of `token_id` and the top k under the raw model distribution."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     top = torch.topk(logprobs, k) if k > 0 else None
     top_logprobs = {} if top is None else {int(i): float(v) for v, i in zip(top.values, top.indices)}
-    return TokenLogprob(token_id=token_id, logprob=float(logprobs[token_id]), top_logprobs=top_logprobs)
+    top_logprobs[token_id] = float(logprobs[token_id])
+    rank = 1 + int((logits.float() > logits.float()[token_id]).sum())
+    return TokenLogprob(token_id=token_id, logprob=float(logprobs[token_id]), top_logprobs=top_logprobs, rank=rank)

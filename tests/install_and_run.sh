@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
-# Installs mistral_cuda with its test dependencies and runs the test suite.
+# Installs mistral_cuda with its test dependencies and runs the test suite, then the sanitizer
+# run (tests/sanitize.sh: the loading/stepping tests under ASan + UBSan) and the fuzz smoke run
+# (fuzz/run.sh: ~60 s of libFuzzer over the loaders). Arguments go to the main pytest run.
 # torch is pinned first to the CPU build: an unpinned torch would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+timed() {
+  local start=$SECONDS
+  "$@"
+  echo "[install_and_run] '$*' took $((SECONDS - start)) s" >&2
+}
+
 python3 -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
-python3 -m pytest -q tests "$@"
+timed python3 -m pytest -q tests "$@"
+timed bash tests/sanitize.sh
+timed bash fuzz/run.sh

@@ -1,4 +1,4 @@
-"""SamplingParams validation and the per-token sampler mc.sampling.sample_next.
+"""SamplingParams validation and the reference sampler mc.sampling.sample_next (vLLM semantics).
 
 The sampler is checked against an independent oracle written here (float64), on small
 hand-made distributions: every draw must be a token the oracle allows, and with few allowed
@@ -43,24 +43,30 @@ def oracle(
         out = torch.zeros(n, dtype=torch.float64)
         out[int(torch.argmax(x))] = 1.0  # torch.argmax returns the first maximal index
         return out
+    # vLLM V1: min-p, then top-k, then top-p, each on what the previous left (renormalized).
     p = torch.softmax(x / temperature, dim=0)
-    pl = p.tolist()
-    allowed = [True] * n
+
+    def keep(mask):
+        q = p * torch.tensor(mask, dtype=torch.float64)
+        return q / q.sum()
+
+    if min_p > 0:
+        pl = p.tolist()
+        p = keep([v >= min_p * max(pl) for v in pl])
     if top_k not in (0, -1):
+        pl = p.tolist()
         kth = sorted(pl, reverse=True)[min(top_k, n) - 1]
-        allowed = [a and pl[i] >= kth for i, a in enumerate(allowed)]
+        p = keep([v >= kth for v in pl])
     if top_p != 1.0:
-        order = sorted(range(n), key=lambda i: (-pl[i], i))
+        pl = p.tolist()
+        allowed = [True] * n
         above = 0.0
-        for i in order:
+        for i in sorted(range(n), key=lambda i: (-pl[i], i)):
             if not above < top_p:
                 allowed[i] = False
             above += pl[i]
-    if min_p > 0:
-        thr = min_p * max(pl)
-        allowed = [a and pl[i] >= thr for i, a in enumerate(allowed)]
-    q = p * torch.tensor(allowed, dtype=torch.float64)
-    return q / q.sum()
+        p = keep(allowed)
+    return p
 
 
 def logits_of(probs) -> torch.Tensor:
@@ -128,8 +134,9 @@ CASES = [
     ("T=2,min_p=0.5", PROBS_A, dict(temperature=2.0, min_p=0.5), {1, 3, 4, 5, 6}),
     ("T=2", PROBS_A, dict(temperature=2.0), set(range(9))),
     ("all-three", PROBS_A, dict(top_k=5, top_p=0.9, min_p=0.4), {1, 3, 4}),
-    # Judged on the same p: top-p after a renormalised top-k would drop id 2 here.
-    ("top_k=3,top_p=0.8-not-sequential", PROBS_B, dict(top_k=3, top_p=0.8), {0, 1, 2}),
+    # In sequence (vLLM): top-p after the renormalised top-k drops id 2 (judging both on the
+    # full distribution would keep it).
+    ("top_k=3,top_p=0.8-sequential", PROBS_B, dict(top_k=3, top_p=0.8), {0, 1}),
     ("top_p=0.6,min_p=0.25", PROBS_B, dict(top_p=0.6, min_p=0.25), {0, 1}),
     ("top_k=2,min_p=0.1", PROBS_B, dict(top_k=2, min_p=0.1), {0, 1}),
 ]

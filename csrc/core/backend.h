@@ -53,6 +53,7 @@ class Backend {
   // ---- scratch the ops need for any step within `limits` ----
   virtual size_t attention_workspace_bytes(const ModelConfig& config, const StepLimits& limits, DType act) = 0;
   virtual size_t moe_workspace_bytes(const ModelConfig& config, const StepLimits& limits, DType act) = 0;
+  virtual size_t sample_workspace_bytes(int32_t rows, int32_t vocab) = 0;
 
   // ---- ops ----
   virtual void embedding(const EmbeddingParams& p) = 0;
@@ -67,6 +68,8 @@ class Backend {
   virtual void moe(const MoeParams& p) = 0;
   // The routing step alone (for the backend-comparison tests of its exactness).
   virtual void moe_route(const MoeRouteParams& p) = 0;
+  // Sampling over logits where they live (SamplingControls in core/op_params.h).
+  virtual void sample(const SampleParams& p) = 0;
 };
 
 }  // namespace mc

@@ -14,6 +14,7 @@
 #include "core/dtype.h"
 #include "core/hd.h"
 #include "core/kv_layout.h"
+#include "core/random.h"
 #include "core/weight.h"
 
 namespace mc {
@@ -56,7 +57,10 @@ struct PagedKvView {
       }
     }
   }
-  int32_t max_query_len() const { return n_entries > n_decode ? prefill_max_query_len : (n_decode > 0 ? 1 : 0); }
+  int32_t max_query_len() const {
+    const int32_t decode = n_decode > 0 ? 1 : 0;
+    return prefill_max_query_len > decode ? prefill_max_query_len : decode;
+  }
   int64_t max_context() const {
     return decode_max_context > prefill_max_context ? decode_max_context : prefill_max_context;
   }
@@ -239,6 +243,64 @@ struct MoeParams {
   DType dtype = DType::kF32;
   void* workspace = nullptr; // backend scratch of Backend::moe_workspace_bytes(bounds)
 };
+
+// ---- sampling ----
+
+// The controls of one row of logits (vLLM's sampling parameters that act on logits), applied in
+// vLLM V1's order: ids >= vocab_limit and `banned` ids masked (the min_tokens mask), logit bias,
+// penalties (repetition on prompt and output tokens: positive logits divided, negative
+// multiplied; presence and frequency on output counts), then greedy argmax (temperature 0), or
+// temperature, min-p, top-k, top-p in sequence and a Gumbel-max draw keyed by
+// (seed, stream, position) (sampling_noise below). Logprobs come from the raw logits.
+struct SamplingControls {
+  float temperature = 1.0f;  // 0 = greedy
+  int32_t top_k = 0;         // 0 = off
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+  float repetition_penalty = 1.0f;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  int32_t vocab_limit = 0;   // ids >= vocab_limit are never sampled (the tokenizer's size)
+  uint64_t seed = 0;
+  uint64_t stream = 0;       // which sample of a request (n > 1)
+  int64_t position = 0;      // index of the token being sampled in the request's output
+  int32_t n_logprobs = -1;   // -1: none; else the sampled token's logprob and rank, and the top n
+};
+
+// One sampling step over R rows of logits [R, V] where the backend holds them; per-row lists are
+// CSR arrays (row r owns [offsets[r], offsets[r + 1])). Only the outputs return to the host.
+struct SampleParams {
+  const float* logits = nullptr;             // [R, V] f32, raw
+  const SamplingControls* controls = nullptr;  // [R]
+  const int32_t* history_offsets = nullptr;  // [R + 1]
+  const int32_t* history_ids = nullptr;      // distinct tokens of the prompt and output
+  const int32_t* output_counts = nullptr;    // their counts in the output (0 = prompt only)
+  const int32_t* bias_offsets = nullptr;     // [R + 1]
+  const int32_t* bias_ids = nullptr;
+  const float* bias_values = nullptr;
+  const int32_t* banned_offsets = nullptr;   // [R + 1]: ids masked for this step (EOS, stop ids)
+  const int32_t* banned_ids = nullptr;
+  int32_t n_rows = 0;
+  int32_t vocab = 0;
+  int32_t max_logprobs = 0;                  // width of the top_* outputs
+  int32_t* tokens = nullptr;                 // [R] sampled ids
+  float* token_logprobs = nullptr;           // [R] raw logprob of the sampled id
+  int32_t* token_ranks = nullptr;            // [R] 1 + ids with a larger raw logit
+  int32_t* top_ids = nullptr;                // [R, max_logprobs] by raw logit, ties to the lower id
+  float* top_logprobs = nullptr;             // [R, max_logprobs]
+  void* workspace = nullptr;                 // Backend::sample_workspace_bytes
+};
+
+// The Gumbel noise of token `id` for one draw: -log(-log(u)) with u uniform in (0, 1) from 53
+// random bits of (seed, stream, position, id). The draw is argmax(logit / temperature + noise)
+// over the kept ids: independent of vocabulary order and batch, so every backend and the Python
+// reference pick the same id.
+MC_HD inline double sampling_noise(uint64_t seed, uint64_t stream, int64_t position, int32_t id) {
+  const uint64_t key = mix64(mix64(seed ^ 0x5851f42d4c957f2dull) + stream * 0x9e3779b97f4a7c15ull);
+  const uint64_t bits = mix64(mix64(key + static_cast<uint64_t>(position)) ^ (static_cast<uint64_t>(id) * 0xd1b54a32d192ed03ull));
+  const double u = (static_cast<double>(bits >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+  return -log(-log(u));
+}
 
 // RoPE frequencies inv_freq[i] = theta^(-2i/Dh), i < Dh/2, in float32 as the reference
 // implementations compute them: every backend and test takes them from here.

@@ -7,6 +7,7 @@
 #include "cpu/attention.h"
 #include "cpu/dense_ops.h"
 #include "cpu/moe.h"
+#include "cpu/sampling.h"
 
 namespace mc::cpu {
 namespace {
@@ -75,6 +76,8 @@ class CpuBackend : public Backend {
     return cpu::moe_workspace_bytes(limits.max_tokens, c.n_experts, c.n_experts_per_tok, c.dim, c.hidden_dim);
   }
 
+  size_t sample_workspace_bytes(int32_t rows, int32_t vocab) override { return cpu::sample_workspace_bytes(rows, vocab); }
+
   void embedding(const EmbeddingParams& p) override { cpu::embedding(p); }
   void rms_norm(const RmsNormParams& p) override {
     require_f32(p.dtype, "rms_norm");
@@ -105,6 +108,7 @@ class CpuBackend : public Backend {
     require_f32(p.dtype, "moe");
     cpu::moe(p);
   }
+  void sample(const SampleParams& p) override { cpu::sample(p); }
   void moe_route(const MoeRouteParams& p) override {
     cpu::moe_route(p.router_logits, p.n_tokens, p.n_experts, p.top_k, p.expert_ids, p.weights, p.expert_offsets,
                    p.sorted_pairs);

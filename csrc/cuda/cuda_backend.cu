@@ -14,6 +14,7 @@
 #include "cuda/elementwise.cuh"
 #include "cuda/gemm.h"
 #include "cuda/moe.cuh"
+#include "cuda/sampling.cuh"
 #include "cuda/weights.cuh"
 
 namespace mc::cuda {
@@ -164,6 +165,11 @@ class CudaBackend : public Backend {
   void moe_route(const MoeRouteParams& p) override {
     use_device();
     cuda::moe_route(p, stream_);
+  }
+  size_t sample_workspace_bytes(int32_t rows, int32_t vocab) override { return cuda::sample_workspace_bytes(rows, vocab); }
+  void sample(const SampleParams& p) override {
+    use_device();
+    cuda::sample(p, stream_);
   }
 
  private:

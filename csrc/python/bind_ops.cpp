@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -264,6 +265,92 @@ void moe_route(OpBackend& b, py::object router_logits, int32_t top_k, py::object
   b.get().moe_route(p);
 }
 
+// Row r of a sampling test: its controls and lists, as Python gives them.
+struct SampleRow {
+  mc::SamplingControls controls;
+  std::vector<int32_t> history_ids;
+  std::vector<int32_t> output_counts;
+  std::vector<std::pair<int32_t, float>> logit_bias;
+  std::vector<int32_t> banned;
+};
+
+// A device copy of `values` (the backend's memory), kept alive by `keep`.
+template <typename T>
+const T* to_device(OpBackend& b, const std::vector<T>& values, std::vector<std::shared_ptr<void>>& keep) {
+  keep.push_back(b.get().allocate(std::max<size_t>(values.size() * sizeof(T), 16)));
+  if (!values.empty()) b.get().copy_to_device(keep.back().get(), values.data(), values.size() * sizeof(T));
+  return static_cast<const T*>(keep.back().get());
+}
+
+// The sampling op on logits [R, V] (f32, on the backend's device); returns, per row,
+// (token, logprob, rank, [(id, logprob)] top n).
+py::list sample(OpBackend& b, py::object logits, const std::vector<SampleRow>& rows) {
+  TensorArg l = tensor_arg(logits, "logits");
+  if (l.dtype != mc::DType::kF32 || l.shape.size() != 2 || l.shape[0] != static_cast<int64_t>(rows.size()))
+    throw py::value_error("logits must be float32 [len(rows), vocab]");
+  const auto R = static_cast<int32_t>(rows.size());
+  std::vector<mc::SamplingControls> controls;
+  std::vector<int32_t> history_offsets{0}, history_ids, output_counts, bias_offsets{0}, bias_ids, banned_offsets{0},
+      banned_ids;
+  std::vector<float> bias_values;
+  for (const SampleRow& row : rows) {
+    controls.push_back(row.controls);
+    history_ids.insert(history_ids.end(), row.history_ids.begin(), row.history_ids.end());
+    output_counts.insert(output_counts.end(), row.output_counts.begin(), row.output_counts.end());
+    history_offsets.push_back(static_cast<int32_t>(history_ids.size()));
+    for (const auto& [id, bias] : row.logit_bias) {
+      bias_ids.push_back(id);
+      bias_values.push_back(bias);
+    }
+    bias_offsets.push_back(static_cast<int32_t>(bias_ids.size()));
+    banned_ids.insert(banned_ids.end(), row.banned.begin(), row.banned.end());
+    banned_offsets.push_back(static_cast<int32_t>(banned_ids.size()));
+  }
+  if (output_counts.size() != history_ids.size()) throw py::value_error("each row needs one count per history id");
+  std::vector<std::shared_ptr<void>> keep;
+  mc::SampleParams p;
+  p.logits = static_cast<const float*>(l.data);
+  p.controls = to_device(b, controls, keep);
+  p.history_offsets = to_device(b, history_offsets, keep);
+  p.history_ids = to_device(b, history_ids, keep);
+  p.output_counts = to_device(b, output_counts, keep);
+  p.bias_offsets = to_device(b, bias_offsets, keep);
+  p.bias_ids = to_device(b, bias_ids, keep);
+  p.bias_values = to_device(b, bias_values, keep);
+  p.banned_offsets = to_device(b, banned_offsets, keep);
+  p.banned_ids = to_device(b, banned_ids, keep);
+  p.n_rows = R;
+  p.vocab = static_cast<int32_t>(l.shape[1]);
+  p.max_logprobs = 20;
+  std::vector<int32_t> tokens(R), ranks(R), top_ids(static_cast<size_t>(R) * p.max_logprobs);
+  std::vector<float> logprobs(R), top_logprobs(static_cast<size_t>(R) * p.max_logprobs);
+  auto out = [&](auto& host) {
+    keep.push_back(b.get().allocate(std::max<size_t>(host.size() * sizeof(host[0]), 16)));
+    return keep.back().get();
+  };
+  p.tokens = static_cast<int32_t*>(out(tokens));
+  p.token_logprobs = static_cast<float*>(out(logprobs));
+  p.token_ranks = static_cast<int32_t*>(out(ranks));
+  p.top_ids = static_cast<int32_t*>(out(top_ids));
+  p.top_logprobs = static_cast<float*>(out(top_logprobs));
+  p.workspace = b.scratch(b.get().sample_workspace_bytes(R, p.vocab));
+  b.get().sample(p);
+  b.get().copy_to_host(tokens.data(), p.tokens, tokens.size() * 4);
+  b.get().copy_to_host(logprobs.data(), p.token_logprobs, logprobs.size() * 4);
+  b.get().copy_to_host(ranks.data(), p.token_ranks, ranks.size() * 4);
+  b.get().copy_to_host(top_ids.data(), p.top_ids, top_ids.size() * 4);
+  b.get().copy_to_host(top_logprobs.data(), p.top_logprobs, top_logprobs.size() * 4);
+  b.get().synchronize();
+  py::list result;
+  for (int32_t r = 0; r < R; ++r) {
+    py::list top;
+    for (int32_t j = 0; j < std::min(rows[r].controls.n_logprobs, p.max_logprobs); ++j)
+      top.append(py::make_tuple(top_ids[r * p.max_logprobs + j], top_logprobs[r * p.max_logprobs + j]));
+    result.append(py::make_tuple(tokens[r], logprobs[r], ranks[r], top));
+  }
+  return result;
+}
+
 }  // namespace
 
 void bind_ops(py::module_& m) {
@@ -275,6 +362,37 @@ void bind_ops(py::module_& m) {
            py::arg("block_size"), py::arg("window"), py::arg("host_cu_seqlens"), py::arg("host_start_pos"))
       .def_property_readonly("n_decode", [](const PagedKv& kv) { return kv.view.n_decode; })
       .def_property_readonly("n_tokens", [](const PagedKv& kv) { return kv.view.n_tokens; });
+
+  py::class_<SampleRow>(ops, "SampleRow", "One row of a sampling test (SamplingControls and its lists).")
+      .def(py::init<>())
+      .def_property("temperature", [](const SampleRow& r) { return r.controls.temperature; },
+                    [](SampleRow& r, float v) { r.controls.temperature = v; })
+      .def_property("top_k", [](const SampleRow& r) { return r.controls.top_k; },
+                    [](SampleRow& r, int32_t v) { r.controls.top_k = v; })
+      .def_property("top_p", [](const SampleRow& r) { return r.controls.top_p; },
+                    [](SampleRow& r, float v) { r.controls.top_p = v; })
+      .def_property("min_p", [](const SampleRow& r) { return r.controls.min_p; },
+                    [](SampleRow& r, float v) { r.controls.min_p = v; })
+      .def_property("repetition_penalty", [](const SampleRow& r) { return r.controls.repetition_penalty; },
+                    [](SampleRow& r, float v) { r.controls.repetition_penalty = v; })
+      .def_property("presence_penalty", [](const SampleRow& r) { return r.controls.presence_penalty; },
+                    [](SampleRow& r, float v) { r.controls.presence_penalty = v; })
+      .def_property("frequency_penalty", [](const SampleRow& r) { return r.controls.frequency_penalty; },
+                    [](SampleRow& r, float v) { r.controls.frequency_penalty = v; })
+      .def_property("vocab_limit", [](const SampleRow& r) { return r.controls.vocab_limit; },
+                    [](SampleRow& r, int32_t v) { r.controls.vocab_limit = v; })
+      .def_property("seed", [](const SampleRow& r) { return r.controls.seed; },
+                    [](SampleRow& r, uint64_t v) { r.controls.seed = v; })
+      .def_property("stream", [](const SampleRow& r) { return r.controls.stream; },
+                    [](SampleRow& r, uint64_t v) { r.controls.stream = v; })
+      .def_property("position", [](const SampleRow& r) { return r.controls.position; },
+                    [](SampleRow& r, int64_t v) { r.controls.position = v; })
+      .def_property("logprobs", [](const SampleRow& r) { return r.controls.n_logprobs; },
+                    [](SampleRow& r, int32_t v) { r.controls.n_logprobs = v; })
+      .def_readwrite("history_ids", &SampleRow::history_ids)
+      .def_readwrite("output_counts", &SampleRow::output_counts)
+      .def_readwrite("logit_bias", &SampleRow::logit_bias)
+      .def_readwrite("banned", &SampleRow::banned);
 
   py::class_<OpBackend>(ops, "Backend", "A backend's op table: 'cpu' or 'cuda'.")
       .def(py::init<const std::string&>(), py::arg("device"))
@@ -292,6 +410,7 @@ void bind_ops(py::module_& m) {
       .def("silu_mul", &silu_mul, py::arg("gate_up"), py::arg("out"))
       .def("moe", &moe, py::arg("x"), py::arg("router"), py::arg("w13"), py::arg("w2"), py::arg("residual"),
            py::arg("top_k"))
+      .def("sample", &sample, py::arg("logits"), py::arg("rows"))
       .def("moe_route", &moe_route, py::arg("router_logits"), py::arg("top_k"), py::arg("expert_ids"),
            py::arg("weights"), py::arg("offsets"), py::arg("sorted_pairs"));
 

@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "cuda/cuda_backend.h"
 #include "runtime/model.h"
+#include "runtime/scheduler.h"
 
 namespace py = pybind11;
 
@@ -223,8 +224,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("device", &mc::Model::device)
       .def_property_readonly("dtype", [](const mc::Model& m) { return std::string(mc::dtype_name(m.dtype())); })
       .def_property_readonly("block_size", &mc::Model::block_size)
-      .def_property_readonly("num_blocks", &mc::Model::num_blocks)
-      .def_property_readonly("free_blocks", &mc::Model::free_blocks)
+      .def("num_blocks", &mc::Model::num_blocks, "Blocks in the KV pool.")
+      .def("free_blocks", &mc::Model::free_blocks, "Blocks of the KV pool no sequence holds.")
       .def_property_readonly("max_step_tokens", [](const mc::Model& m) { return m.step_limits().max_tokens; })
       .def("add_sequence", &mc::Model::add_sequence)
       .def("free_sequence", &mc::Model::free_sequence, py::arg("seq"))
@@ -232,6 +233,91 @@ PYBIND11_MODULE(_C, m) {
       .def("sequence_length", &mc::Model::sequence_length, py::arg("seq"))
       .def("step", &step, py::arg("entries"), py::arg("all_logits") = false,
            "Runs one forward step over [(seq, token_ids), ...]; returns one float32 tensor per entry.");
+
+  py::class_<mc::RequestParams>(m, "RequestParams", "One request's sampling and stopping, as the core sees it.")
+      .def(py::init<>())
+      .def_property(
+          "temperature", [](const mc::RequestParams& p) { return p.controls.temperature; },
+          [](mc::RequestParams& p, float v) { p.controls.temperature = v; })
+      .def_property(
+          "top_k", [](const mc::RequestParams& p) { return p.controls.top_k; },
+          [](mc::RequestParams& p, int32_t v) { p.controls.top_k = v; })
+      .def_property(
+          "top_p", [](const mc::RequestParams& p) { return p.controls.top_p; },
+          [](mc::RequestParams& p, float v) { p.controls.top_p = v; })
+      .def_property(
+          "min_p", [](const mc::RequestParams& p) { return p.controls.min_p; },
+          [](mc::RequestParams& p, float v) { p.controls.min_p = v; })
+      .def_property(
+          "repetition_penalty", [](const mc::RequestParams& p) { return p.controls.repetition_penalty; },
+          [](mc::RequestParams& p, float v) { p.controls.repetition_penalty = v; })
+      .def_property(
+          "presence_penalty", [](const mc::RequestParams& p) { return p.controls.presence_penalty; },
+          [](mc::RequestParams& p, float v) { p.controls.presence_penalty = v; })
+      .def_property(
+          "frequency_penalty", [](const mc::RequestParams& p) { return p.controls.frequency_penalty; },
+          [](mc::RequestParams& p, float v) { p.controls.frequency_penalty = v; })
+      .def_property(
+          "vocab_limit", [](const mc::RequestParams& p) { return p.controls.vocab_limit; },
+          [](mc::RequestParams& p, int32_t v) { p.controls.vocab_limit = v; })
+      .def_property(
+          "seed", [](const mc::RequestParams& p) { return p.controls.seed; },
+          [](mc::RequestParams& p, uint64_t v) { p.controls.seed = v; })
+      .def_property(
+          "stream", [](const mc::RequestParams& p) { return p.controls.stream; },
+          [](mc::RequestParams& p, uint64_t v) { p.controls.stream = v; })
+      .def_property(
+          "logprobs", [](const mc::RequestParams& p) { return p.controls.n_logprobs; },
+          [](mc::RequestParams& p, int32_t v) { p.controls.n_logprobs = v; })
+      .def_readwrite("logit_bias", &mc::RequestParams::logit_bias)
+      .def_readwrite("max_tokens", &mc::RequestParams::max_tokens)
+      .def_readwrite("min_tokens", &mc::RequestParams::min_tokens)
+      .def_readwrite("stop_token_ids", &mc::RequestParams::stop_token_ids)
+      .def_readwrite("eos_id", &mc::RequestParams::eos_id)
+      .def_readwrite("ignore_eos", &mc::RequestParams::ignore_eos);
+
+  py::class_<mc::Scheduler>(m, "Scheduler", "Continuous batching over a Model (runtime/scheduler.h).")
+      .def(py::init([](mc::Model& model, int32_t max_num_seqs, int32_t max_num_batched_tokens) {
+             mc::SchedulerOptions options;
+             options.max_num_seqs = max_num_seqs;
+             options.max_num_batched_tokens = max_num_batched_tokens;
+             return std::make_unique<mc::Scheduler>(model, options);
+           }),
+           py::arg("model"), py::arg("max_num_seqs") = 64, py::arg("max_num_batched_tokens") = 2048,
+           py::keep_alive<1, 2>())
+      .def("add", &mc::Scheduler::add, py::arg("prompt"), py::arg("params"))
+      .def("abort", &mc::Scheduler::abort, py::arg("request_id"))
+      .def(
+          "step",
+          [](mc::Scheduler& s) {
+            std::vector<mc::RequestUpdate> updates;
+            {
+              py::gil_scoped_release no_gil;
+              updates = s.step();
+            }
+            // (request id, token, logprob, rank, top [(id, logprob)], finish reason, stop token)
+            py::list out;
+            for (const mc::RequestUpdate& u : updates)
+              for (const mc::SampledToken& t : u.tokens)
+                out.append(py::make_tuple(u.id, t.token, t.logprob, t.rank, t.top, mc::finish_reason_name(u.finish),
+                                          u.stop_token));
+            return out;
+          },
+          "One iteration: [(request_id, token, logprob, rank, top, finish_reason, stop_token), ...]")
+      .def("has_unfinished", &mc::Scheduler::has_unfinished)
+      .def_property_readonly("num_running", &mc::Scheduler::num_running)
+      .def_property_readonly("num_waiting", &mc::Scheduler::num_waiting)
+      .def_property_readonly("stats", [](const mc::Scheduler& s) {
+        const mc::SchedulerStats& st = s.stats();
+        py::dict d;
+        d["steps"] = st.steps;
+        d["preemptions"] = st.preemptions;
+        d["last_step_seconds"] = st.last_step_seconds;
+        d["last_forward_seconds"] = st.last_forward_seconds;
+        d["last_batch_tokens"] = st.last_batch_tokens;
+        d["last_batch_seqs"] = st.last_batch_seqs;
+        return d;
+      });
 
   bind_ops(m);
   m.def("cuda_device_count", &mc::cuda::device_count);

@@ -33,6 +33,25 @@ class MetaPacker {
   size_t used_ = 0;
 };
 
+// Per-row sampler outputs, packed: tokens, logprobs, ranks [R] then top ids and logprobs [R, 20].
+struct SampleOut {
+  int32_t* tokens;
+  float* logprobs;
+  int32_t* ranks;
+  int32_t* top_ids;
+  float* top_logprobs;
+  SampleOut(void* base, int64_t rows) {
+    auto* bytes = static_cast<uint8_t*>(base);
+    tokens = reinterpret_cast<int32_t*>(bytes);
+    logprobs = reinterpret_cast<float*>(bytes + align16(rows * 4));
+    ranks = reinterpret_cast<int32_t*>(bytes + 2 * align16(rows * 4));
+    top_ids = reinterpret_cast<int32_t*>(bytes + 3 * align16(rows * 4));
+    top_logprobs = reinterpret_cast<float*>(bytes + 3 * align16(rows * 4) + align16(rows * 4 * ForwardPass::kMaxLogprobs));
+  }
+};
+
+size_t sample_out_bytes(int64_t rows) { return 3 * align16(rows * 4) + 2 * align16(rows * 4 * ForwardPass::kMaxLogprobs); }
+
 }  // namespace
 
 ForwardPass::ForwardPass(Backend& backend, const ModelConfig& config, ModelWeights weights, KvLayout layout,
@@ -79,13 +98,17 @@ ForwardPass::ForwardPass(Backend& backend, const ModelConfig& config, ModelWeigh
   ws_.logits_host = backend.allocate_host(R * V * sizeof(float));
   ws_.attention_scratch = backend.allocate(backend.attention_workspace_bytes(config, limits, act_));
   ws_.moe_scratch = backend.allocate(backend.moe_workspace_bytes(config, limits, act_));
+  ws_.sample_out = backend.allocate(sample_out_bytes(T));
+  ws_.sample_out_host = backend.allocate_host(sample_out_bytes(T));
+  ws_.sample_scratch = backend.allocate(backend.sample_workspace_bytes(R, static_cast<int32_t>(V)));
   std::vector<float> inv_freq = rope_inv_freq(config.head_dim, config.rope_theta);
   ws_.inv_freq = backend.allocate(inv_freq.size() * sizeof(float));
   backend.copy_to_device(ws_.inv_freq.get(), inv_freq.data(), inv_freq.size() * sizeof(float));
   backend.synchronize();
 }
 
-void ForwardPass::run(const StepBatch& batch, float* logits) {
+void ForwardPass::run(const StepBatch& batch, float* logits, const PassSampling* sampling,
+                      std::vector<SampledToken>* sampled) {
   const int64_t T = batch.n_tokens();
   const int32_t S = batch.n_entries();
   if (T > limits_.max_tokens || S > limits_.max_entries || batch.max_blocks > max_table_blocks_)
@@ -238,10 +261,55 @@ void ForwardPass::run(const StepBatch& batch, float* logits) {
       pending = ws_.proj.get();
     }
   }
-  lm_head(batch, reinterpret_cast<const int32_t*>(meta + rows_at), pending, logits);
+  lm_head(batch, reinterpret_cast<const int32_t*>(meta + rows_at), pending, logits, sampling, sampled);
 }
 
-void ForwardPass::lm_head(const StepBatch& batch, const int32_t* rows, const void* pending, float* logits) {
+SampleParams ForwardPass::upload_sampling(const PassSampling& s) {
+  const size_t rows = s.controls.size();
+  if (s.history_offsets.size() != rows + 1 || s.bias_offsets.size() != rows + 1 || s.banned_offsets.size() != rows + 1 ||
+      s.output_counts.size() != s.history_ids.size() || s.bias_values.size() != s.bias_ids.size())
+    fail(ErrorKind::kInvalidRequest, "inconsistent sampling inputs");
+  const size_t bytes = align16(rows * sizeof(SamplingControls)) + 3 * align16((rows + 1) * 4) +
+                       align16(s.history_ids.size() * 4) + align16(s.output_counts.size() * 4) +
+                       align16(s.bias_ids.size() * 4) + align16(s.bias_values.size() * 4) +
+                       align16(s.banned_ids.size() * 4);
+  if (bytes > ws_.sample_in_bytes) {
+    // Grows only: the first steps with long histories set its size for the rest.
+    ws_.sample_in_bytes = std::max(bytes, 2 * ws_.sample_in_bytes);
+    ws_.sample_in = backend_.allocate(ws_.sample_in_bytes);
+    ws_.sample_in_host = backend_.allocate_host(ws_.sample_in_bytes);
+  }
+  auto* host = static_cast<uint8_t*>(ws_.sample_in_host.get());
+  MetaPacker packer(host, ws_.sample_in_bytes);
+  const size_t controls_at = packer.add(s.controls);
+  const size_t history_offsets_at = packer.add(s.history_offsets);
+  const size_t history_ids_at = packer.add(s.history_ids);
+  const size_t counts_at = packer.add(s.output_counts);
+  const size_t bias_offsets_at = packer.add(s.bias_offsets);
+  const size_t bias_ids_at = packer.add(s.bias_ids);
+  const size_t bias_values_at = packer.add(s.bias_values);
+  const size_t banned_offsets_at = packer.add(s.banned_offsets);
+  const size_t banned_ids_at = packer.add(s.banned_ids);
+  auto* device = static_cast<uint8_t*>(ws_.sample_in.get());
+  backend_.copy_to_device(device, host, packer.used());
+  SampleParams p;
+  p.controls = reinterpret_cast<const SamplingControls*>(device + controls_at);
+  p.history_offsets = reinterpret_cast<const int32_t*>(device + history_offsets_at);
+  p.history_ids = reinterpret_cast<const int32_t*>(device + history_ids_at);
+  p.output_counts = reinterpret_cast<const int32_t*>(device + counts_at);
+  p.bias_offsets = reinterpret_cast<const int32_t*>(device + bias_offsets_at);
+  p.bias_ids = reinterpret_cast<const int32_t*>(device + bias_ids_at);
+  p.bias_values = reinterpret_cast<const float*>(device + bias_values_at);
+  p.banned_offsets = reinterpret_cast<const int32_t*>(device + banned_offsets_at);
+  p.banned_ids = reinterpret_cast<const int32_t*>(device + banned_ids_at);
+  p.vocab = static_cast<int32_t>(config_.vocab_size);
+  p.max_logprobs = kMaxLogprobs;
+  p.workspace = ws_.sample_scratch.get();
+  return p;
+}
+
+void ForwardPass::lm_head(const StepBatch& batch, const int32_t* rows, const void* pending, float* logits,
+                          const PassSampling* sampling, std::vector<SampledToken>* sampled) {
   const int64_t V = config_.vocab_size, D = config_.dim;
   const auto total = static_cast<int64_t>(batch.logit_rows.size());
   auto* logits_host = static_cast<float*>(ws_.logits_host.get());
@@ -260,6 +328,11 @@ void ForwardPass::lm_head(const StepBatch& batch, const int32_t* rows, const voi
   head.y = ws_.logits.get();
   head.x_dtype = act_;
   head.y_dtype = DType::kF32;
+  if (sampling != nullptr && static_cast<int64_t>(sampling->controls.size()) != total)
+    fail(ErrorKind::kInvalidRequest, "sampling controls for ", sampling->controls.size(), " rows, the pass has ", total);
+  SampleParams sample;
+  SampleOut out(ws_.sample_out.get(), limits_.max_tokens);
+  if (sampling != nullptr) sample = upload_sampling(*sampling);
   // The LM head runs on at most max_logit_rows rows at a time: its workspace is fixed.
   for (int64_t first = 0; first < total; first += limits_.max_logit_rows) {
     const int64_t n = std::min<int64_t>(limits_.max_logit_rows, total - first);
@@ -269,10 +342,44 @@ void ForwardPass::lm_head(const StepBatch& batch, const int32_t* rows, const voi
     norm.delta = nullptr;
     head.n_tokens = n;
     backend_.linear(head);
-    backend_.copy_to_host(logits_host, ws_.logits.get(), static_cast<size_t>(n * V) * sizeof(float));
+    if (sampling == nullptr) {
+      backend_.copy_to_host(logits_host, ws_.logits.get(), static_cast<size_t>(n * V) * sizeof(float));
+      backend_.synchronize();
+      for (int64_t r = 0; r < n; ++r)
+        std::memcpy(logits + batch.logit_dest[first + r] * V, logits_host + r * V, V * sizeof(float));
+      continue;
+    }
+    // Rows [first, first + n) of the pass: the CSR offsets stay absolute.
+    SampleParams chunk = sample;
+    chunk.logits = static_cast<const float*>(ws_.logits.get());
+    chunk.controls += first;
+    chunk.history_offsets += first;
+    chunk.bias_offsets += first;
+    chunk.banned_offsets += first;
+    chunk.n_rows = static_cast<int32_t>(n);
+    chunk.tokens = out.tokens + first;
+    chunk.token_logprobs = out.logprobs + first;
+    chunk.token_ranks = out.ranks + first;
+    chunk.top_ids = out.top_ids + first * kMaxLogprobs;
+    chunk.top_logprobs = out.top_logprobs + first * kMaxLogprobs;
+    backend_.sample(chunk);
+  }
+  if (sampling != nullptr && total > 0) {
+    // Only the sampler's outputs come back: ids, and logprobs for the rows that asked.
+    backend_.copy_to_host(ws_.sample_out_host.get(), ws_.sample_out.get(), sample_out_bytes(limits_.max_tokens));
     backend_.synchronize();
-    for (int64_t r = 0; r < n; ++r)
-      std::memcpy(logits + batch.logit_dest[first + r] * V, logits_host + r * V, V * sizeof(float));
+    SampleOut host(ws_.sample_out_host.get(), limits_.max_tokens);
+    for (int64_t r = 0; r < total; ++r) {
+      SampledToken& token = (*sampled)[batch.logit_dest[r]];
+      token.token = host.tokens[r];
+      const int32_t n_logprobs = sampling->controls[r].n_logprobs;
+      if (n_logprobs < 0) continue;
+      token.logprob = host.logprobs[r];
+      token.rank = host.ranks[r];
+      token.top.clear();
+      for (int32_t j = 0; j < std::min(n_logprobs, kMaxLogprobs); ++j)
+        token.top.emplace_back(host.top_ids[r * kMaxLogprobs + j], host.top_logprobs[r * kMaxLogprobs + j]);
+    }
   }
   if (total == 0) backend_.synchronize();
 }

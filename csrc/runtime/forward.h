@@ -34,6 +34,28 @@ struct StepBatch {
   int32_t n_tokens() const { return static_cast<int32_t>(tokens.size()); }
 };
 
+// Sampling of a pass's logit rows on the backend, where the logits live: per row r (in
+// logit_rows order) its controls and CSR lists (SampleParams in core/op_params.h).
+struct PassSampling {
+  std::vector<SamplingControls> controls;     // [R]
+  std::vector<int32_t> history_offsets{0};    // [R + 1]
+  std::vector<int32_t> history_ids;
+  std::vector<int32_t> output_counts;
+  std::vector<int32_t> bias_offsets{0};       // [R + 1]
+  std::vector<int32_t> bias_ids;
+  std::vector<float> bias_values;
+  std::vector<int32_t> banned_offsets{0};     // [R + 1]
+  std::vector<int32_t> banned_ids;
+};
+
+// What the sampler returns for one row: the id, and with logprobs the raw logprob, rank and top n.
+struct SampledToken {
+  int32_t token = -1;
+  float logprob = 0.0f;
+  int32_t rank = 0;
+  std::vector<std::pair<int32_t, float>> top;
+};
+
 class ForwardPass {
  public:
   // Allocates the KV pools and every workspace for passes within `limits`, once.
@@ -41,8 +63,12 @@ class ForwardPass {
               const StepLimits& limits);
 
   // Runs the layers over `batch` (within the limits), appends the K/V that must stay cached,
-  // and writes logits row r (float32, [V]) to logits + batch.logit_dest[r] * V on the host.
-  void run(const StepBatch& batch, float* logits);
+  // and writes logits row r (float32, [V]) to logits + batch.logit_dest[r] * V on the host; or,
+  // with `sampling`, samples every row on the backend into (*sampled)[batch.logit_dest[r]].
+  void run(const StepBatch& batch, float* logits, const PassSampling* sampling = nullptr,
+           std::vector<SampledToken>* sampled = nullptr);
+
+  static constexpr int32_t kMaxLogprobs = 20;
 
   DType activation_dtype() const { return act_; }
   const StepLimits& limits() const { return limits_; }
@@ -67,9 +93,17 @@ class ForwardPass {
     std::shared_ptr<void> moe_scratch;        // Backend::moe_workspace_bytes
     std::shared_ptr<void> inv_freq;           // [Dh / 2] f32
     size_t meta_bytes = 0;
+    // Sampling: inputs packed per pass (grow-only), outputs for max_tokens rows.
+    std::shared_ptr<void> sample_in, sample_in_host;
+    size_t sample_in_bytes = 0;
+    std::shared_ptr<void> sample_out, sample_out_host;
+    std::shared_ptr<void> sample_scratch;     // Backend::sample_workspace_bytes(max_logit_rows, V)
   };
 
-  void lm_head(const StepBatch& batch, const int32_t* rows, const void* pending, float* logits);
+  // The device copies of `sampling`'s arrays (grow-only buffers), as a SampleParams.
+  SampleParams upload_sampling(const PassSampling& sampling);
+  void lm_head(const StepBatch& batch, const int32_t* rows, const void* pending, float* logits,
+               const PassSampling* sampling, std::vector<SampledToken>* sampled);
 
   Backend& backend_;
   ModelConfig config_;

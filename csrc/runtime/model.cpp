@@ -201,6 +201,42 @@ void Model::validate(const std::vector<StepEntry>& entries) const {
 
 void Model::step(const std::vector<StepEntry>& entries, bool all_logits, float* logits) {
   std::lock_guard<std::mutex> lock(mutex_);
+  run_step(entries, all_logits, logits, nullptr, nullptr);
+}
+
+void Model::step_and_sample(const std::vector<StepEntry>& entries, const std::vector<const EntrySampling*>& sampling,
+                            std::vector<SampledToken>* sampled) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (sampling.size() != entries.size())
+    fail(ErrorKind::kInvalidRequest, "step_and_sample: ", sampling.size(), " sampling entries for ", entries.size(),
+         " step entries");
+  for (const EntrySampling* s : sampling)
+    if (s != nullptr) {
+      for (const auto* list : {s->history_ids, s->banned})
+        for (int32_t id : *list)
+          if (id < 0 || id >= config_.vocab_size) fail(ErrorKind::kInvalidRequest, "sampling: token id ", id, " out of range");
+      for (const auto& [id, bias] : *s->logit_bias)
+        if (id < 0 || id >= config_.vocab_size) fail(ErrorKind::kInvalidRequest, "logit_bias: token id ", id, " out of range");
+    }
+  sampled->assign(entries.size(), SampledToken());
+  run_step(entries, false, nullptr, &sampling, sampled);
+}
+
+int64_t Model::blocks_needed(int32_t seq, int64_t n) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const KvLayout& layout = blocks_.layout();
+  const int64_t start = seq < 0 ? 0 : blocks_.length(seq), end = start + n;
+  if (seq >= 0) return blocks_.blocks_needed(seq, {{layout.first_kept(start, end), end}});
+  // A new sequence: every block its range touches (distinct ring entries under a window).
+  std::set<int64_t> touched;
+  for (int64_t block = layout.logical_block(layout.first_kept(start, end)); n > 0 && block <= layout.logical_block(end - 1);
+       ++block)
+    touched.insert(layout.table_index(block * layout.block_size));
+  return static_cast<int64_t>(touched.size());
+}
+
+void Model::run_step(const std::vector<StepEntry>& entries, bool all_logits, float* logits,
+                     const std::vector<const EntrySampling*>* sampling, std::vector<SampledToken>* sampled) {
   validate(entries);
   const KvLayout& layout = blocks_.layout();
   const std::vector<std::vector<Chunk>> passes = plan_passes(entries, forward_->limits());
@@ -219,10 +255,10 @@ void Model::step(const std::vector<StepEntry>& entries, bool all_logits, float* 
          blocks_.free_blocks(), " of ", blocks_.num_blocks(),
          " are free (free finished sequences or load with a larger num_blocks)");
 
-  // Row of the caller's logits where each entry's rows start.
+  // Row of the caller's logits where each entry's rows start (sampling: the entry index).
   std::vector<int64_t> first_row(entries.size());
   for (size_t e = 0, row = 0; e < entries.size(); ++e) {
-    first_row[e] = static_cast<int64_t>(row);
+    first_row[e] = sampling ? static_cast<int64_t>(e) : static_cast<int64_t>(row);
     row += all_logits ? entries[e].tokens.size() : 1;
   }
 
@@ -230,6 +266,7 @@ void Model::step(const std::vector<StepEntry>& entries, bool all_logits, float* 
     // Decode entries (one token) first: they take the decode attention kernel.
     std::stable_partition(pass.begin(), pass.end(), [](const Chunk& c) { return c.count == 1; });
     StepBatch batch;
+    PassSampling pass_sampling;
     batch.cu_seqlens.push_back(0);
     for (const Chunk& chunk : pass) {
       const StepEntry& entry = entries[chunk.entry];
@@ -250,8 +287,23 @@ void Model::step(const std::vector<StepEntry>& entries, bool all_logits, float* 
           batch.logit_dest.push_back(first_row[chunk.entry] + chunk.begin + i);
         }
       } else if (chunk.begin + chunk.count == static_cast<int64_t>(entry.tokens.size())) {
+        const EntrySampling* s = sampling ? (*sampling)[chunk.entry] : nullptr;
+        if (sampling && s == nullptr) continue;  // a prompt chunk: no row wanted
         batch.logit_rows.push_back(batch.cu_seqlens.back() - 1);
         batch.logit_dest.push_back(first_row[chunk.entry]);
+        if (s == nullptr) continue;
+        PassSampling& ps = pass_sampling;
+        ps.controls.push_back(s->controls);
+        ps.history_ids.insert(ps.history_ids.end(), s->history_ids->begin(), s->history_ids->end());
+        ps.output_counts.insert(ps.output_counts.end(), s->output_counts->begin(), s->output_counts->end());
+        ps.history_offsets.push_back(static_cast<int32_t>(ps.history_ids.size()));
+        for (const auto& [id, bias] : *s->logit_bias) {
+          ps.bias_ids.push_back(id);
+          ps.bias_values.push_back(bias);
+        }
+        ps.bias_offsets.push_back(static_cast<int32_t>(ps.bias_ids.size()));
+        ps.banned_ids.insert(ps.banned_ids.end(), s->banned->begin(), s->banned->end());
+        ps.banned_offsets.push_back(static_cast<int32_t>(ps.banned_ids.size()));
       }
     }
     batch.block_tables.assign(static_cast<size_t>(batch.n_entries()) * batch.max_blocks, -1);
@@ -259,7 +311,7 @@ void Model::step(const std::vector<StepEntry>& entries, bool all_logits, float* 
       const auto& table = blocks_.table(entries[pass[e].entry].seq);
       std::copy(table.begin(), table.end(), batch.block_tables.begin() + static_cast<int64_t>(e) * batch.max_blocks);
     }
-    forward_->run(batch, logits);
+    forward_->run(batch, logits, sampling ? &pass_sampling : nullptr, sampled);
     for (const Chunk& chunk : pass) {
       const int32_t seq = entries[chunk.entry].seq;
       blocks_.set_length(seq, blocks_.length(seq) + chunk.count);

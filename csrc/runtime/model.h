@@ -37,6 +37,15 @@ struct StepEntry {
   std::vector<int64_t> tokens;  // wide so that out-of-range ids are caught, not wrapped
 };
 
+// How to sample the next token after an entry's last token (see SamplingControls).
+struct EntrySampling {
+  SamplingControls controls;
+  const std::vector<int32_t>* history_ids = nullptr;    // distinct prompt and output tokens
+  const std::vector<int32_t>* output_counts = nullptr;  // their counts in the output
+  const std::vector<std::pair<int32_t, float>>* logit_bias = nullptr;
+  const std::vector<int32_t>* banned = nullptr;         // masked this step (min_tokens)
+};
+
 class Model {
  public:
   static std::unique_ptr<Model> load(const std::string& model_dir, const ModelOptions& options);
@@ -67,6 +76,14 @@ class Model {
   // beyond the forward pass's limits runs as several passes (long prompts in chunks).
   void step(const std::vector<StepEntry>& entries, bool all_logits, float* logits);
 
+  // The same step, sampling on the backend instead of returning logits: entry e with
+  // sampling[e] set gets (*sampled)[e]; the others (prompt chunks not yet complete) none.
+  void step_and_sample(const std::vector<StepEntry>& entries, const std::vector<const EntrySampling*>& sampling,
+                       std::vector<SampledToken>* sampled);
+
+  // Blocks that appending n tokens to `seq` would newly take (0 for a new sequence: seq = -1).
+  int64_t blocks_needed(int32_t seq, int64_t n) const;
+
   // Enough blocks for four sequences at full length (a window's ring under sliding-window
   // attention), capped near 8 GiB of K/V in `kv_dtype` unless one sequence needs more.
   static int64_t default_num_blocks(const ModelConfig& config, int32_t block_size, DType kv_dtype);
@@ -78,6 +95,8 @@ class Model {
   static std::unique_ptr<Model> prepare(const ModelConfig& config, const ModelOptions& options, DType dtype);
   void start(ModelWeights weights, const ModelOptions& options);
   void validate(const std::vector<StepEntry>& entries) const;
+  void run_step(const std::vector<StepEntry>& entries, bool all_logits, float* logits,
+                const std::vector<const EntrySampling*>* sampling, std::vector<SampledToken>* sampled);
 
   ModelConfig config_;
   BlockManager blocks_;
