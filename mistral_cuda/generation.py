@@ -22,8 +22,10 @@ from mistral_cuda.sampling import SamplingParams, TokenLogprob, sample_next, tok
 
 @dataclass
 class CompletionOutput:
-    """One finished completion. finish_reason: "stop" (EOS, a stop token or a stop string) or
-    "length" (max_tokens, or the model's max_seq_len)."""
+    """One finished completion. finish_reason: "stop" (EOS, a stop token or a stop string),
+    "length" (max_tokens, or the model's max_seq_len), "tool_calls" (chat: the completion is
+    the calls in `tool_calls`) or "content_filter" (a guard blocked the output; `text` ends
+    where the blocked content started)."""
 
     text: str
     token_ids: List[int]
@@ -33,6 +35,11 @@ class CompletionOutput:
     # Seconds from the request's start to its first token (prefill), and from there to the end.
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    # Chat: OpenAI-shaped calls [{"id", "type": "function", "function": {"name", "arguments"}}]
+    # when the completion is a tool call; else None. tool_call_error: why output that started
+    # with the tool-call token did not parse (it is then returned as `text`).
+    tool_calls: Optional[List[dict]] = None
+    tool_call_error: Optional[str] = None
 
 
 @dataclass
@@ -56,6 +63,7 @@ class Request:
     started: float = 0.0
     first_token: float = 0.0
     finished: float = 0.0
+    guards: tuple = ()  # guards.Guard objects checking the output text (see guards.py)
 
     def __post_init__(self) -> None:
         seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
@@ -64,6 +72,12 @@ class Request:
         if self.params.logprobs is not None:
             self.logprobs = []
         self._hold = max((len(s) for s in self.params.stop_strings), default=1) - 1
+        # Guards with a hold check the growing text; the others (hold None) judge the whole
+        # output, and then no text is streamed before the end.
+        holds = [getattr(g, "hold", 0) for g in self.guards]
+        self._streaming_guards = [g for g, h in zip(self.guards, holds) if h is not None]
+        self._final_guards = [g for g, h in zip(self.guards, holds) if h is None]
+        self._hold = max([self._hold, *(h for h in holds if h is not None)])
 
     def next_tokens(self, prefill_chunk: int) -> List[int]:
         if self.prefilled < len(self.prompt_ids):
@@ -107,20 +121,39 @@ class Request:
         cut = min((i for i in (self.text.find(s, search_from) for s in self.params.stop_strings) if i >= 0), default=-1)
         if cut >= 0:
             self.text = self.text[:cut]
-            self.finish_reason = "stop"
-            self.finished = time.perf_counter()
+            self._end("stop")
+        self._check_guards(self._streaming_guards)
 
     def _finish(self, reason: str) -> None:
         if self.decoder is not None:
             self._append_text(self.decoder.flush())
         if self.finish_reason is None:
-            self.finish_reason = reason
-            self.finished = time.perf_counter()
+            self._end(reason)
+
+    def _end(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.finished = time.perf_counter()
+        self._check_guards(self._final_guards)
+
+    def _check_guards(self, guards) -> None:
+        for guard in guards:
+            if self.finish_reason == "content_filter":
+                return
+            start = guard.check_output(self.text)
+            if start is not None:
+                self.text = self.text[: max(0, int(start))]
+                self.finish_reason = "content_filter"
+                self.finished = time.perf_counter()
 
     def take_delta(self) -> str:
         """Text that is final: all of it once finished, else all but what could still turn out
         to be the start of a stop string."""
-        end = len(self.text) if self.finish_reason else max(self.emitted, len(self.text) - self._hold)
+        if self.finish_reason:
+            end = len(self.text)
+        elif self._final_guards:
+            end = self.emitted
+        else:
+            end = max(self.emitted, len(self.text) - self._hold)
         delta = self.text[self.emitted : end]
         self.emitted = end
         return delta
