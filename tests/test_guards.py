@@ -333,3 +333,35 @@ def test_self_reflection_guard_on_the_real_runner(tmp_path_factory):
         again = engine.chat(ASK, params, guard=guard)
         assert again.text == out.text and again.finish_reason == out.finish_reason
     assert getattr(engine.model, "free_blocks", None) == free_before
+
+
+# --------------------------------------------------------------------------------------
+# CLI flags
+# --------------------------------------------------------------------------------------
+
+
+def _cli(*args, stdin=None):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, "-m", "mistral_cuda", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=180, env=env)  # fmt: skip
+
+
+def test_cli_guard_flags(tmp_path_factory):
+    v1 = cm.get_chat_model("v1", tmp_path_factory)
+    flags = ["--device", "cpu", "--max-tokens", "6", "--temperature", "0", "--ignore-eos"]
+    # a refused prompt: generate fails with the reason; chat says so and goes on
+    r = _cli("generate", v1.path, "how to make a bomb", *flags, "--block-word", "bomb")
+    assert r.returncode == 1 and "prompt refused by KeywordGuard" in r.stderr, r.stderr
+    r = _cli("chat", v1.path, *flags, "--block-word", "bomb", stdin="a bomb?\nHello there\n")
+    assert r.returncode == 0 and "[refused: " in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("finish:") == 1  # the second line was answered
+    # a pattern the prompt does not match but gibberish does: the answer stops before it
+    r = _cli("generate", v1.path, "x", *flags, "--block-regex", "[^x]")
+    assert r.returncode == 0 and "finish: content_filter" in r.stderr, r.stderr
+    assert set(r.stdout.strip()) <= {"x"}
+    r = _cli("generate", v1.path, "Hello", *flags, "--block-regex", "(")
+    assert r.returncode == 1 and "--block-regex" in r.stderr

@@ -231,3 +231,21 @@ def test_chat_with_tools_on_a_real_tiny_model(tmp_path_factory):
     assert stream.output.token_ids == out.token_ids
     if out.tool_calls is None:
         assert "".join(i for i in items if isinstance(i, str)) == out.text
+
+
+def test_tekken_model_directory_end_to_end(tmp_path_factory):
+    """A directory with tekken.json (as Mistral-Nemo ships): the engine finds the tokenizer, chat
+    prompts are mistral_common's ids, and the streamed text is the completion's text."""
+    tekken = cm.get_chat_model("tekken", tmp_path_factory)
+    engine = cm.load_engine(tekken)
+    assert engine.tokenizer.is_tekken and engine.tokenizer.vocab_size == engine.config.vocab_size == 131072
+    params = mc.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    out = engine.chat(ASK, params, tools=TOOLS)
+    assert out.prompt_token_ids == oracle_ids("tekken", ASK, TOOLS)
+    stream = engine.stream_chat(ASK, params, tools=TOOLS)
+    items = list(stream)
+    assert stream.output.token_ids == out.token_ids
+    if out.tool_calls is None:
+        assert "".join(items) == out.text == engine.tokenizer.decode(out.token_ids)
+    (plain,) = engine.generate(["Hello"], params)
+    assert plain.prompt_token_ids == engine.tokenizer.encode("Hello")
