@@ -249,3 +249,15 @@ def test_tekken_model_directory_end_to_end(tmp_path_factory):
         assert "".join(items) == out.text == engine.tokenizer.decode(out.token_ids)
     (plain,) = engine.generate(["Hello"], params)
     assert plain.prompt_token_ids == engine.tokenizer.encode("Hello")
+
+
+def test_lone_surrogate_prompts_are_invalid_requests():
+    tok = tokenizer("v3")
+    engine, model = scripted_engine(tok, tok.encode_chat(ASK), tok.encode("x", bos=False))
+    for call in (lambda: engine.chat([{"role": "user", "content": "bad \ud800"}], GREEDY),
+                 lambda: engine.stream_chat([{"role": "user", "content": "fine"}], GREEDY,
+                                            tools=[{**TOOLS[0], "function": {**TOOLS[0]["function"], "description": "\udc00"}}]),
+                 lambda: engine.generate(["bad \ud800"], GREEDY)):  # fmt: skip
+        with pytest.raises(mc.InvalidRequestError, match="not valid Unicode"):
+            call()
+    assert model.prompts_seen == []
