@@ -17,7 +17,7 @@ from mistral_cuda.sampling import SamplingParams
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="Hugging Face or Mistral consolidated model directory")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-    parser.add_argument("--tokenizer", default=None, help="SentencePiece file (default: the model directory's)")
+    parser.add_argument("--tokenizer", default=None, help="SentencePiece or Tekken file (default: the model directory's)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:

@@ -73,8 +73,8 @@ class Engine:
 
         block_size: tokens per KV-cache block. num_blocks: blocks in the KV pool (default: room
         for four full-length sequences, capped near 8 GiB). progress: show a progress bar.
-        tokenizer: a SentencePiece file or a Tokenizer; by default the directory's own
-        (tokenizer.model.v3, tokenizer.model, ...). Without one, prompts must be token ids.
+        tokenizer: a SentencePiece or Tekken file, or a Tokenizer; by default the directory's own
+        (tekken.json, tokenizer.model.v3, tokenizer.model, ...). Without one, prompts must be token ids.
         max_batch_size: sequences decoded together; prefill_chunk: prompt tokens per step.
         """
         if tokenizer is None:

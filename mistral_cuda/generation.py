@@ -121,8 +121,9 @@ class Request:
         cut = min((i for i in (self.text.find(s, search_from) for s in self.params.stop_strings) if i >= 0), default=-1)
         if cut >= 0:
             self.text = self.text[:cut]
-            self._end("stop")
         self._check_guards(self._streaming_guards)
+        if cut >= 0 and self.finish_reason is None:
+            self._end("stop")
 
     def _finish(self, reason: str) -> None:
         if self.decoder is not None:
@@ -147,7 +148,8 @@ class Request:
 
     def take_delta(self) -> str:
         """Text that is final: all of it once finished, else all but what could still turn out
-        to be the start of a stop string."""
+        to be the start of a stop string or of content a guard blocks (nothing, while a guard
+        that judges only complete outputs is on)."""
         if self.finish_reason:
             end = len(self.text)
         elif self._final_guards:

@@ -54,7 +54,8 @@ SAFE_PROMPT = (
 # "tokenizer.model.v3", "mistral_instruct_tokenizer_240323.model.v3", "x.model.v7m1" (m: multimodal)
 _VERSIONED_NAME = re.compile(r"\.model\.v(\d+)(?:m\d+)?$")
 _REPLACEMENT = "\ufffd"
-# Everything mistral_common (and pydantic under it) raises for a conversation it refuses.
+# Everything mistral_common raises for a conversation it refuses: its own exceptions, pydantic's,
+# and the plain KeyError / AssertionError / ... of from_openai's conversion of malformed dicts.
 _REJECTIONS = (MistralCommonException, pydantic.ValidationError, ValueError, TypeError, KeyError,
                AttributeError, AssertionError)  # fmt: skip
 
