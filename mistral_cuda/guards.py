@@ -53,7 +53,9 @@ class KeywordGuard(Guard):
 
     An output is cut where the earliest match starts. Text is held back while streaming by the
     longest possible match; a pattern with unbounded matches (`\\w+`) holds back everything until
-    the output is complete.
+    the output is complete. The text is checked as it grows, so a word that ends the text so far
+    counts even if the next token would have continued it ("nuke" then "s"): the guard errs on
+    the side of blocking, in streamed and non-streamed calls alike.
     """
 
     def __init__(self, words: Iterable[Union[str, "re.Pattern[str]"]]):
