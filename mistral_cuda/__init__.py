@@ -12,28 +12,35 @@ from mistral_cuda._C import (
     cuda_device_count,
 )
 from mistral_cuda import sampling
-from mistral_cuda.engine import Engine, Stream
+from mistral_cuda.engine import ChatStream, Engine, Stream
 from mistral_cuda.generation import CompletionOutput, RequestOutput
+from mistral_cuda.guards import ContentFilteredError, Guard, KeywordGuard, SelfReflectionGuard
 from mistral_cuda.llm import LLM
 from mistral_cuda.sampling import SamplingParams, TokenLogprob
-from mistral_cuda.tokenizer import StreamDecoder, Tokenizer
+from mistral_cuda.tokenizer import StreamDecoder, TekkenStreamDecoder, Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CacheFullError",
+    "ChatStream",
     "CheckpointError",
     "CompletionOutput",
+    "ContentFilteredError",
     "Engine",
     "Error",
+    "Guard",
     "InvalidRequestError",
+    "KeywordGuard",
     "LLM",
     "ModelConfig",
     "ModelNotFoundError",
     "RequestOutput",
     "SamplingParams",
+    "SelfReflectionGuard",
     "Stream",
     "StreamDecoder",
+    "TekkenStreamDecoder",
     "TokenLogprob",
     "Tokenizer",
     "UnsupportedError",

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import List, Optional
 
 from mistral_cuda import _C
 from mistral_cuda.engine import Engine, Stream
 from mistral_cuda.generation import CompletionOutput
+from mistral_cuda.guards import ContentFilteredError, KeywordGuard, SelfReflectionGuard
 from mistral_cuda.sampling import SamplingParams
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="Hugging Face or Mistral consolidated model directory")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-    parser.add_argument("--tokenizer", default=None, help="SentencePiece file (default: the model directory's)")
+    parser.add_argument("--tokenizer", default=None, help="SentencePiece or Tekken file (default: the model directory's)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -45,6 +47,31 @@ def _sampling(args) -> SamplingParams:
     )
 
 
+def _add_guard_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("moderation guards")
+    g.add_argument("--block-word", action="append", default=None, metavar="WORD",
+                   help="refuse prompts and cut answers containing WORD (whole word, any case; repeatable)")
+    g.add_argument("--block-regex", action="append", default=None, metavar="REGEX",
+                   help="same for a Python regular expression (repeatable)")
+    g.add_argument("--self-reflection", action="store_true",
+                   help="have the model classify prompts and answers with Mistral's moderation categories")
+
+
+def _guards(args, engine: Engine) -> list:
+    guards = []
+    patterns = list(args.block_word or [])
+    for r in args.block_regex or []:
+        try:
+            patterns.append(re.compile(r))
+        except re.error as e:
+            raise ValueError(f"--block-regex {r!r}: {e}") from None
+    if patterns:
+        guards.append(KeywordGuard(patterns))
+    if args.self_reflection:
+        guards.append(SelfReflectionGuard(engine))
+    return guards
+
+
 def _load(args) -> Engine:
     return Engine.from_pretrained(args.model_dir, device=args.device, tokenizer=args.tokenizer)
 
@@ -71,13 +98,14 @@ def _print_stream(stream: Stream) -> CompletionOutput:
 
 def cmd_generate(args) -> None:
     engine = _load(args)
-    output = _print_stream(engine.stream(args.prompt, _sampling(args)))
+    output = _print_stream(engine.stream(args.prompt, _sampling(args), guard=_guards(args, engine)))
     print(stats_line(output), file=sys.stderr)
 
 
 def cmd_chat(args) -> None:
     engine = _load(args)
     params = _sampling(args)
+    guards = _guards(args, engine)
     messages: List[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -92,10 +120,19 @@ def cmd_chat(args) -> None:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
+        try:
+            stream = engine.stream_chat(messages, params, safe_prompt=args.safe_prompt, guard=guards)
+        except ContentFilteredError as e:
+            print(f"[refused: {e}]", file=sys.stderr)
+            messages.pop()
+            continue
         sys.stdout.write("assistant> ")
-        output = _print_stream(engine.stream_chat(messages, params, safe_prompt=args.safe_prompt))
+        output = _print_stream(stream)
         print(stats_line(output), file=sys.stderr)
-        messages.append({"role": "assistant", "content": output.text})
+        if output.text:
+            messages.append({"role": "assistant", "content": output.text})
+        else:  # nothing to keep (blocked from the start): the turn is dropped
+            messages.pop()
 
 
 def cmd_demo(args) -> None:
@@ -125,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(generate)
     generate.add_argument("prompt")
     _add_sampling_args(generate)
+    _add_guard_args(generate)
     generate.set_defaults(run=cmd_generate)
 
     chat = commands.add_parser("chat", help="interactive multi-turn chat with the [INST] template")
@@ -132,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("--safe-prompt", action="store_true", help="add Mistral's guardrail system prompt")
     _add_sampling_args(chat)
+    _add_guard_args(chat)
     chat.set_defaults(run=cmd_chat)
 
     from mistral_cuda.demo import default_cache_dir

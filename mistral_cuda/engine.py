@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
-from mistral_cuda import _C, generation
+from mistral_cuda import _C, generation, tool_calls
 from mistral_cuda.cuda_libs import preload_cublas
 from mistral_cuda.generation import CompletionOutput, Request
+from mistral_cuda.guards import ContentFilteredError, as_guards
 from mistral_cuda.sampling import SamplingParams
 from mistral_cuda.tokenizer import Tokenizer, find_tokenizer_file
 
@@ -120,8 +121,8 @@ class Engine:
 
         block_size: tokens per KV-cache block. num_blocks: blocks in the KV pool (default: room
         for four full-length sequences, capped near 8 GiB). progress: show a progress bar.
-        tokenizer: a SentencePiece file or a Tokenizer; by default the directory's own
-        (tokenizer.model.v3, tokenizer.model, ...). Without one, prompts must be token ids.
+        tokenizer: a SentencePiece or Tekken file, or a Tokenizer; by default the directory's own
+        (tekken.json, tokenizer.model.v3, tokenizer.model, ...). Without one, prompts must be token ids.
         max_num_seqs: sequences the scheduler runs together (alias: max_batch_size);
         max_num_batched_tokens: tokens of one step, decode tokens first and prompt chunks in the
         rest (alias: prefill_chunk).
@@ -219,7 +220,7 @@ class Engine:
                 raise _C.InvalidRequestError(f"prompt {i} must be a str or a list of int token ids")
         return result
 
-    def _requests(self, prompts, params) -> List[List[Request]]:
+    def _requests(self, prompts, params, guards: tuple = ()) -> List[List[Request]]:
         """The requests of each prompt: params.n samples each, sharing a seed on distinct streams."""
         ids = self._prompt_ids(prompts)
         if params is None:
@@ -250,52 +251,95 @@ class Engine:
                         seed=seed,
                         sample_index=sample,
                         vocab_limit=vocab_limit,
+                        guards=guards,
                     )
                     for sample in range(p.n)
                 ]
             )
         return groups
 
+    def _plain_requests(self, prompts, params, guard) -> List[List[Request]]:
+        """Requests for plain prompts, once every guard has let each one through (as one user
+        message of its text)."""
+        guards = as_guards(guard)
+        if guards:
+            self._require_tokenizer("a guard")
+        groups = self._requests(prompts, params, guards)
+        for group in groups if guards else ():
+            _check_prompt(guards, [{"role": "user", "content": self._tokenizer.decode(group[0].prompt_ids)}])
+        return groups
+
+    def _chat_request(self, messages, params, safe_prompt, tools, guard) -> Request:
+        tok = self._require_tokenizer("chat")
+        ids = tok.encode_chat(messages, safe_prompt=safe_prompt, tools=tools)
+        guards = as_guards(guard)
+        _check_prompt(guards, list(messages))
+        (group,) = self._requests([ids], params, guards)
+        if len(group) != 1:
+            raise _C.InvalidRequestError("chat takes n=1 (use LLM.chat or generate_requests for n > 1)")
+        return group[0]
+
     def _run(self, requests: List[Request]) -> Iterator[Request]:
         return generation.run(self.scheduler, requests)
 
-    def generate_requests(self, prompts, params=None) -> List[List[CompletionOutput]]:
+    def generate_requests(self, prompts, params=None, guard=None) -> List[List[CompletionOutput]]:
         """Completes every prompt (batched together): the n CompletionOutputs of each prompt."""
-        groups = self._requests(prompts, params)
+        groups = self._plain_requests(prompts, params, guard)
         for _ in self._run([r for group in groups for r in group]):
             pass
         return [[r.output() for r in group] for group in groups]
 
     def generate(
-        self, prompts, params: Union[None, SamplingParams, Sequence[SamplingParams]] = None
+        self, prompts, params: Union[None, SamplingParams, Sequence[SamplingParams]] = None, guard=None
     ) -> List[CompletionOutput]:
         """Completes every prompt (batched together); one CompletionOutput per prompt, in order
         (with params.n > 1: the list of its n CompletionOutputs).
 
-        A str prompt is plain completion: encoded with BOS, no chat template (see chat())."""
-        return [group[0] if len(group) == 1 else group for group in self.generate_requests(prompts, params)]
+        A str prompt is plain completion: encoded with BOS, no chat template (see chat()).
+        guard: an mc.Guard or a list of them (see chat())."""
+        groups = self.generate_requests(prompts, params, guard)
+        return [group[0] if len(group) == 1 else group for group in groups]
 
-    def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None) -> "Stream":
+    def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None, guard=None) -> "Stream":
         """Iterates over the text deltas of one completion; `.output` holds it once done."""
-        groups = self._requests([prompt] if isinstance(prompt, str) else prompt, params)
+        groups = self._plain_requests([prompt] if isinstance(prompt, str) else prompt, params, guard)
         if len(groups) != 1 or len(groups[0]) != 1:
             raise _C.InvalidRequestError("stream() takes one prompt and n=1")
         requests = groups[0]
         return Stream(self._run(requests), requests[0])
 
     def chat(
-        self, messages: List[Dict[str, str]], params: Optional[SamplingParams] = None, safe_prompt: bool = False
+        self,
+        messages: List[dict],
+        params: Optional[SamplingParams] = None,
+        safe_prompt: bool = False,
+        tools: Optional[List[dict]] = None,
+        guard=None,
     ) -> CompletionOutput:
-        """Completes the assistant turn after `messages` ([INST] template applied)."""
-        ids = self._require_tokenizer("chat").encode_chat(messages, safe_prompt=safe_prompt)
-        return self.generate([ids], params)[0]
+        """Completes the assistant turn after `messages` (OpenAI-shaped; templated by
+        mistral_common, see Tokenizer.encode_chat), with `tools` (OpenAI-shaped) available.
+
+        A completion that starts with the tool-call token is parsed into `tool_calls`
+        (finish_reason "tool_calls"); if it does not parse, it stays `text` and
+        `tool_call_error` says why. guard: an mc.Guard or a list of them; a refused prompt
+        raises ContentFilteredError, a blocked output ends with finish_reason "content_filter".
+        """
+        request = self._chat_request(messages, params, safe_prompt, tools, guard)
+        for _ in self._run([request]):
+            pass
+        return tool_calls.apply_tool_calls(request.output(), self._tokenizer)
 
     def stream_chat(
-        self, messages: List[Dict[str, str]], params: Optional[SamplingParams] = None, safe_prompt: bool = False
-    ) -> "Stream":
-        """chat(), streamed."""
-        ids = self._require_tokenizer("chat").encode_chat(messages, safe_prompt=safe_prompt)
-        return self.stream(ids, params)
+        self,
+        messages: List[dict],
+        params: Optional[SamplingParams] = None,
+        safe_prompt: bool = False,
+        tools: Optional[List[dict]] = None,
+        guard=None,
+    ) -> "ChatStream":
+        """chat(), streamed: text deltas, or the tool calls once the completion is complete."""
+        request = self._chat_request(messages, params, safe_prompt, tools, guard)
+        return ChatStream(self._run([request]), request, self._tokenizer)
 
     def logits(self, token_ids: Sequence[int], chunk_size: Optional[int] = None) -> torch.Tensor:
         """float32 logits [len(token_ids), vocab_size] of every position, computed through the
@@ -340,3 +384,35 @@ class Stream:
         if self.output is None:
             self._request._finish("abort")
             self.output = self._request.output()
+
+
+class ChatStream(Stream):
+    """stream_chat(): text deltas (str) as they become final; for a completion that starts with
+    the tool-call token, each tool call (an OpenAI-shaped dict) once the completion ends, or its
+    text as one delta if it does not parse. `.output` (tool calls parsed) once exhausted."""
+
+    def __init__(self, events: Iterator[Request], request: Request, tokenizer: Tokenizer):
+        super().__init__(events, request)
+        self._tokenizer = tokenizer
+
+    def __iter__(self) -> Iterator[Union[str, dict]]:
+        calling = None
+        for request in self._events:
+            if calling is None:
+                calling = tool_calls.starts_with_tool_call(request.generated, self._tokenizer)
+            if not calling:
+                delta = request.take_delta()
+                if delta:
+                    yield delta
+        self.output = tool_calls.apply_tool_calls(self._request.output(), self._tokenizer)
+        if self.output.tool_calls:
+            yield from self.output.tool_calls
+        elif calling and self.output.text:
+            yield self.output.text
+
+
+def _check_prompt(guards: tuple, messages: List[dict]) -> None:
+    for guard in guards:
+        reason = guard.check_prompt(messages)
+        if reason is not None:
+            raise ContentFilteredError(f"prompt refused by {type(guard).__name__}: {reason}")

@@ -21,8 +21,10 @@ from mistral_cuda.sampling import SamplingParams, TokenLogprob
 @dataclass
 class CompletionOutput:
     """One completion. finish_reason: "stop" (EOS, a stop token or a stop string), "length"
-    (max_tokens, or the model's max_seq_len) or "abort" (cancelled, e.g. Stream.close()).
-    stop_reason: the stop string or stop token id that ended it (None for EOS or length)."""
+    (max_tokens, or the model's max_seq_len), "abort" (cancelled, e.g. Stream.close()),
+    "tool_calls" (chat: the completion is the calls in `tool_calls`) or "content_filter" (a
+    guard blocked the output; `text` ends where the blocked content started). stop_reason: the
+    stop string or stop token id that ended it (None for EOS or length)."""
 
     text: str
     token_ids: List[int]
@@ -35,6 +37,11 @@ class CompletionOutput:
     stop_reason: Union[None, int, str] = None
     cumulative_logprob: Optional[float] = None
     index: int = 0
+    # Chat: OpenAI-shaped calls [{"id", "type": "function", "function": {"name", "arguments"}}]
+    # when the completion is a tool call; else None. tool_call_error: why output that started
+    # with the tool-call token did not parse (it is then returned as `text`).
+    tool_calls: Optional[List[dict]] = None
+    tool_call_error: Optional[str] = None
 
 
 @dataclass
@@ -71,11 +78,18 @@ class Request:
     started: float = 0.0
     first_token: float = 0.0
     finished: float = 0.0
+    guards: tuple = ()  # guards.Guard objects checking the output text (see guards.py)
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None:
             self.logprobs = []
         self._hold = max((len(s) for s in self.params.stop_strings), default=1) - 1
+        # Guards with a hold check the growing text; the others (hold None) judge the whole
+        # output, and then no text is streamed before the end.
+        holds = [getattr(g, "hold", 0) for g in self.guards]
+        self._streaming_guards = [g for g, h in zip(self.guards, holds) if h is not None]
+        self._final_guards = [g for g, h in zip(self.guards, holds) if h is None]
+        self._hold = max([self._hold, *(h for h in holds if h is not None)])
 
     def core_params(self) -> "_C.RequestParams":
         p, c = self.params, _C.RequestParams()
@@ -122,28 +136,49 @@ class Request:
         # A stop string may straddle the old text and the new: search from where one could start.
         search_from = max(0, len(self.text) - self._hold)
         self.text += new
-        if not self.params.stop_strings or len(self.generated) < self.params.min_tokens:
-            return
         # The stop string completed earliest in the text wins (vLLM's rule).
+        stop = None
         hits = [(i + len(s), i, s) for s in self.params.stop_strings for i in [self.text.find(s, search_from)] if i >= 0]
-        if hits:
+        if hits and len(self.generated) >= self.params.min_tokens:
             end, start, stop = min(hits)
             self.text = self.text[: end if self.params.include_stop_str_in_output else start]
+        self._check_guards(self._streaming_guards)
+        if stop is not None and self.finish_reason is None:
             self.stop_reason = stop
-            self.finish_reason = "stop"
-            self.finished = time.perf_counter()
+            self._end("stop")
 
     def _finish(self, reason: str) -> None:
         if self.decoder is not None and reason != "abort":
             self._append_text(self.decoder.flush())
         if self.finish_reason is None:
-            self.finish_reason = reason
-            self.finished = time.perf_counter()
+            self._end(reason)
+
+    def _end(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.finished = time.perf_counter()
+        if reason != "abort":
+            self._check_guards(self._final_guards)
+
+    def _check_guards(self, guards) -> None:
+        for guard in guards:
+            if self.finish_reason == "content_filter":
+                return
+            start = guard.check_output(self.text)
+            if start is not None:
+                self.text = self.text[: max(0, int(start))]
+                self.finish_reason = "content_filter"
+                self.finished = time.perf_counter()
 
     def take_delta(self) -> str:
         """Text that is final: all of it once finished, else all but what could still turn out
-        to be the start of a stop string."""
-        end = len(self.text) if self.finish_reason else max(self.emitted, len(self.text) - self._hold)
+        to be the start of a stop string or of content a guard blocks (nothing, while a guard
+        that judges only complete outputs is on)."""
+        if self.finish_reason:
+            end = len(self.text)
+        elif self._final_guards:
+            end = self.emitted
+        else:
+            end = max(self.emitted, len(self.text) - self._hold)
         delta = self.text[self.emitted : end]
         self.emitted = end
         return delta

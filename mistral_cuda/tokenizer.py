@@ -1,23 +1,48 @@
-"""SentencePiece tokenizer for Mistral models: text, chat templates (v1-v3), streaming decode.
+"""Mistral tokenizers (SentencePiece v1/v2/v3 and Tekken): text, chat templates, streaming decode.
 
-For plain-text system/user/assistant messages, the chat layout reproduces mistral_common's
-`MistralTokenizer.encode_chat_completion` token for token, without depending on mistral_common.
+mistral_common, the library Mistral maintains for this, is the template engine: conversations
+(OpenAI-shaped messages, tools, tool calls and tool results) are validated, normalized and
+encoded by it, so prompt ids are exactly its ids. This module adapts the inputs and errors and
+adds what generation needs: plain-text encode/decode and incremental detokenization.
 """
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import pydantic
 import sentencepiece
+from mistral_common.exceptions import MistralCommonException
+from mistral_common.protocol.instruct.normalize import get_normalizer
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
+from mistral_common.tokens.tokenizers.instruct import (
+    InstructTokenizerV1,
+    InstructTokenizerV2,
+    InstructTokenizerV3,
+)
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
+from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
 from mistral_cuda._C import InvalidRequestError
 
-__all__ = ["SAFE_PROMPT", "StreamDecoder", "Tokenizer", "find_tokenizer_file"]
+__all__ = [
+    "SAFE_PROMPT",
+    "StreamDecoder",
+    "TekkenStreamDecoder",
+    "Tokenizer",
+    "check_unicode",
+    "find_tokenizer_file",
+]
 
 SUPPORTED_VERSIONS = ("v1", "v2", "v3")
+_INSTRUCT_TOKENIZERS = {"v1": InstructTokenizerV1, "v2": InstructTokenizerV2, "v3": InstructTokenizerV3}
 
 # Mistral's guardrail prompt; the API "prepends your messages" with it as a system message.
 SAFE_PROMPT = (
@@ -28,46 +53,52 @@ SAFE_PROMPT = (
 
 # "tokenizer.model.v3", "mistral_instruct_tokenizer_240323.model.v3", "x.model.v7m1" (m: multimodal)
 _VERSIONED_NAME = re.compile(r"\.model\.v(\d+)(?:m\d+)?$")
-_ROLES = ("system", "user", "assistant")
-# Separator of merged messages and of joined system prompts, as in mistral_common's normalizer.
-_JOIN = "\n\n"
 _REPLACEMENT = "\ufffd"
+# Everything mistral_common raises for a conversation it refuses: its own exceptions, pydantic's,
+# and the plain KeyError / AssertionError / ... of from_openai's conversion of malformed dicts.
+_REJECTIONS = (MistralCommonException, pydantic.ValidationError, ValueError, TypeError, KeyError,
+               AttributeError, AssertionError)  # fmt: skip
 
 
 class Tokenizer:
-    """A Mistral SentencePiece tokenizer; build it with `Tokenizer.from_file`."""
+    """A Mistral tokenizer (SentencePiece or Tekken); build it with `Tokenizer.from_file`.
 
-    def __init__(
-        self, sp: sentencepiece.SentencePieceProcessor, version: str, path: Path | None = None
-    ):
+    `version` is "v1", "v2" or "v3"; `is_tekken` tells the two kinds apart; `tool_call_token`
+    is the id of [TOOL_CALLS] (None for v1, which has no function calling).
+    """
+
+    def __init__(self, mistral: MistralTokenizer, path: Path | None = None):
+        inner = mistral.instruct_tokenizer.tokenizer
+        version = inner.version.value
         if version not in SUPPORTED_VERSIONS:
             raise ValueError(
-                f"tokenizer version {version!r} is not supported (supported: v1, v2, v3)"
+                f"{path}: tokenizer version {version} is not supported (supported: v1, v2, v3)"
             )
-        self._sp = sp
+        self._mistral = mistral
+        self._inner = inner
         self.version = version
         self.path = path
-        self.vocab_size = sp.vocab_size()
-        self.bos_id = sp.bos_id()
-        self.eos_id = sp.eos_id()
-        if version != "v1":
-            self._inst = sp.piece_to_id("[INST]")
-            self._end_inst = sp.piece_to_id("[/INST]")
-            if not (sp.is_control(self._inst) and sp.is_control(self._end_inst)):
-                raise ValueError(
-                    f"{path}: a {version} tokenizer needs [INST] and [/INST] control tokens"
-                )
-        self._anchor = _find_anchor(sp)
+        self.is_tekken = isinstance(inner, Tekkenizer)
+        self.vocab_size = inner.n_words
+        self.bos_id = inner.bos_id
+        self.eos_id = inner.eos_id
+        self.tool_call_token = None if version == "v1" else inner.get_special_token("[TOOL_CALLS]")
+        # SentencePiece only: the processor, for the stream decoder's spacing rules.
+        self._sp = None if self.is_tekken else inner._model
+        self._anchor = None if self.is_tekken else _find_anchor(self._sp)
 
     @classmethod
     def from_file(cls, path) -> Tokenizer:
-        """Load a SentencePiece model file.
+        """Load a SentencePiece model file or a Tekken `tekken.json`.
 
-        The version comes from a `.model.vN` name suffix, else from the vocabulary.
+        A SentencePiece version comes from a `.model.vN` name suffix, else from the vocabulary;
+        a Tekken version from the file itself.
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
+        if path.suffix == ".json":
+            return cls._from_tekken(path)
         sp = sentencepiece.SentencePieceProcessor()
         try:
             sp.Load(str(path))
@@ -82,7 +113,23 @@ class Tokenizer:
                 )
         else:
             version = _version_from_vocab(sp, path)
-        return cls(sp, version, path)
+        if version != "v1" and not all(_is_control(sp, p) for p in ("[INST]", "[/INST]")):
+            raise ValueError(f"{path}: a {version} tokenizer needs [INST] and [/INST] control tokens")
+        inner = SentencePieceTokenizer(path, tokenizer_version=TokenizerVersion(version))
+        return cls(_assemble(inner, version), path)
+
+    @classmethod
+    def _from_tekken(cls, path: Path) -> Tokenizer:
+        try:
+            inner = Tekkenizer.from_file(path)
+        except Exception as e:  # json, schema or tiktoken errors: all mean a bad file
+            raise ValueError(f"{path} is not a valid Tekken tokenizer file: {e}") from None
+        version = inner.version.value
+        if version not in SUPPORTED_VERSIONS:
+            raise ValueError(
+                f"{path}: tokenizer version {version} is not supported (supported: v1, v2, v3)"
+            )
+        return cls(_assemble(inner, version), path)
 
     # -- plain text --------------------------------------------------------------------------
 
@@ -90,18 +137,18 @@ class Tokenizer:
         """Token ids of `text`; control pieces such as "[INST]" typed in text are never produced."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        ids = self._sp.encode(text)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        check_unicode(text, "text")
+        return self._inner.encode(text, bos=bos, eos=eos)
 
     def decode(self, ids) -> str:
         """Text of `ids` with control tokens (BOS, EOS, [INST], ...) dropped."""
-        return self._sp.decode(self._checked(ids))
+        return self._inner.decode(self._checked(ids), special_token_policy=SpecialTokenPolicy.IGNORE)
 
     def id_to_piece(self, id) -> str:
-        return self._sp.id_to_piece(self._checked([id])[0])
+        return self._inner.id_to_piece(self._checked([id])[0])
 
     def is_control(self, id) -> bool:
-        return self._sp.is_control(self._checked([id])[0])
+        return self._inner.is_special(self._checked([id])[0])
 
     def _checked(self, ids) -> list[int]:
         ids = [int(i) for i in ids]
@@ -114,36 +161,30 @@ class Tokenizer:
 
     # -- chat --------------------------------------------------------------------------------
 
-    def encode_chat(self, messages, safe_prompt: bool = False) -> list[int]:
-        """Prompt ids asking for the next assistant turn of `messages`.
+    def encode_chat(self, messages, safe_prompt: bool = False, tools=None) -> list[int]:
+        """Prompt ids asking for the next assistant turn of `messages`, as mistral_common
+        encodes them.
 
-        `messages` is a list of {"role": "system" | "user" | "assistant", "content": str}.
+        `messages`: OpenAI-shaped dicts: {"role": "system" | "user", "content": str or a list of
+        {"type": "text", "text": str}}, {"role": "assistant", "content": ..., "tool_calls": [{"id",
+        "type": "function", "function": {"name", "arguments"}}]}, {"role": "tool",
+        "tool_call_id", "content"}. `tools`: [{"type": "function", "function": {"name",
+        "description", "parameters"}}]. safe_prompt: prepend Mistral's guardrail system prompt.
+        A conversation mistral_common refuses raises InvalidRequestError with its reason.
         """
-        messages = _validated(messages)
+        _check_shape(messages, tools)
         if safe_prompt:
-            messages = [("system", SAFE_PROMPT)] + messages
-        system_prompt, turns = _normalized(messages)
-        users = [i for i, (role, _) in enumerate(turns) if role == "user"]
-        # v1 puts the system prompt on the first user turn, v2/v3 on the last one.
-        sys_turn = users[0] if self.version == "v1" else users[-1]
-        ids = [self.bos_id]
-        for i, (role, text) in enumerate(turns):
-            if role == "user":
-                if i == sys_turn and system_prompt:
-                    text = system_prompt + _JOIN + text
-                if self.version == "v1":
-                    # v1 has no control tokens: the markers are plain text.
-                    ids += self._sp.encode(f"[INST] {text} [/INST]")
-                else:
-                    ids += [self._inst, *self._sp.encode(text), self._end_inst]
-            else:
-                # v2+ drop trailing spaces of assistant turns, v1 keeps them.
-                ids += self._sp.encode(text if self.version == "v1" else text.rstrip(" "))
-                ids.append(self.eos_id)
-        return ids
+            messages = [{"role": "system", "content": SAFE_PROMPT}, *messages]
+        try:
+            request = ChatCompletionRequest.from_openai(list(messages), tools=tools)
+            return self._mistral.encode_chat_completion(request).tokens
+        except _REJECTIONS as e:
+            raise InvalidRequestError(f"invalid conversation: {_reason(e)}") from None
 
-    def stream_decoder(self, prompt_ids=()) -> StreamDecoder:
+    def stream_decoder(self, prompt_ids=()) -> StreamDecoder | TekkenStreamDecoder:
         """A decoder for generated tokens that continue `prompt_ids`."""
+        if self.is_tekken:
+            return TekkenStreamDecoder(self)
         return StreamDecoder(self, prompt_ids)
 
 
@@ -208,16 +249,44 @@ class StreamDecoder:
         return any(not self._tok._sp.is_control(i) for i in ids)
 
 
+class TekkenStreamDecoder:
+    """Incremental detokenizer for Tekken (byte-level BPE): push generated ids one at a time, get
+    the text each one completes.
+
+    Tokens are byte strings; a UTF-8 decoder holds the bytes of an unfinished character. Special
+    tokens carry no text and end a run of bytes, as in `Tokenizer.decode`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes ("" while a character is incomplete)."""
+        (token_id,) = self._tok._checked([token_id])
+        if self._tok._inner.is_special(token_id):
+            return self.flush()
+        return self._utf8.decode(self._tok._inner.id_to_byte_piece(token_id))
+
+    def flush(self) -> str:
+        """Return whatever is still held (a truncated character decodes to U+FFFD)."""
+        out = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return out
+
+
 def find_tokenizer_file(model_dir) -> Path | None:
     """The tokenizer file of a model directory, or None.
 
-    Prefers tokenizer.model.v3, then the highest tokenizer.model.vN, then tokenizer.model.
+    Prefers tekken.json, then tokenizer.model.v3, then the highest tokenizer.model.vN, then
+    tokenizer.model.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return None
-    if (model_dir / "tokenizer.model.v3").is_file():
-        return model_dir / "tokenizer.model.v3"
+    for name in ("tekken.json", "tokenizer.model.v3"):
+        if (model_dir / name).is_file():
+            return model_dir / name
     versioned = []
     for p in model_dir.glob("tokenizer.model.v*"):
         m = re.fullmatch(r"tokenizer\.model\.v(\d+)(?:m(\d+))?", p.name)
@@ -229,18 +298,40 @@ def find_tokenizer_file(model_dir) -> Path | None:
     return plain if plain.is_file() else None
 
 
-def _version_from_vocab(sp: sentencepiece.SentencePieceProcessor, path: Path) -> str:
-    def control(piece: str) -> bool:
-        i = sp.piece_to_id(piece)
-        return i != sp.unk_id() and sp.is_control(i)
+def check_unicode(text: str, where: str) -> None:
+    """Rejects text that is not valid Unicode (a lone surrogate such as "\\ud800"), which no
+    tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            f"{where} is not valid Unicode: {text[e.start:e.end]!r} at index {e.start} is a lone "
+            "surrogate"
+        ) from None
 
-    if control("[SYSTEM_PROMPT]"):
+
+def _assemble(inner, version: str) -> MistralTokenizer:
+    # MistralTokenizer.from_file, minus its guess of a SentencePiece version from the file name.
+    return MistralTokenizer(
+        _INSTRUCT_TOKENIZERS[version](inner),
+        validator=get_validator(inner.version, mode=ValidationMode.test),
+        request_normalizer=get_normalizer(inner.version, None),
+    )
+
+
+def _is_control(sp: sentencepiece.SentencePieceProcessor, piece: str) -> bool:
+    i = sp.piece_to_id(piece)
+    return i != sp.unk_id() and sp.is_control(i)
+
+
+def _version_from_vocab(sp: sentencepiece.SentencePieceProcessor, path: Path) -> str:
+    if _is_control(sp, "[SYSTEM_PROMPT]"):
         # v7+ vocabularies, whose chat layout differs; refuse rather than template them as v3.
         raise ValueError(
             f"{path}: looks like a v7 or newer tokenizer, which is not supported (v1, v2, v3)"
         )
-    # v2 and v3 lay out text-only chats identically, so a v2 vocabulary is safely treated as v3.
-    return "v3" if control("[INST]") and control("[/INST]") else "v1"
+    # A v3 vocabulary (with [INST] control tokens) is the newest that has no [SYSTEM_PROMPT].
+    return "v3" if _is_control(sp, "[INST]") and _is_control(sp, "[/INST]") else "v1"
 
 
 def _find_anchor(sp: sentencepiece.SentencePieceProcessor) -> int:
@@ -253,67 +344,49 @@ def _find_anchor(sp: sentencepiece.SentencePieceProcessor) -> int:
     raise ValueError("the vocabulary has no plain text piece")
 
 
-def _validated(messages) -> list[tuple[str, str]]:
-    """(role, content) pairs, rejecting what mistral_common rejects and conversations it would not
-    continue with an assistant turn."""
+def _check_shape(messages, tools) -> None:
+    """The checks whose failures mistral_common would report obscurely (or not at all): the
+    container types, text-only content, and text that is valid Unicode."""
     if not isinstance(messages, (list, tuple)):
         raise InvalidRequestError(f"messages must be a list, got {type(messages).__name__}")
-    if not messages:
-        raise InvalidRequestError("conversation must have at least one message")
-    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
             raise InvalidRequestError(
                 f"message {i} must be a dict with 'role' and 'content', got {type(m).__name__}"
             )
-        for key in ("role", "content"):
-            if key not in m:
-                raise InvalidRequestError(f"message {i} has no '{key}'")
-        role, content = m["role"], m["content"]
-        if role not in _ROLES:
-            raise InvalidRequestError(
-                f"message {i} has unsupported role {role!r} (expected system, user or assistant)"
-            )
-        if not isinstance(content, str):
-            raise InvalidRequestError(
-                f"message {i} ({role}): content must be a str, got {type(content).__name__}"
-            )
-        if role == "assistant" and not content:
-            raise InvalidRequestError(f"message {i}: assistant message content must not be empty")
-        if role == "system" and out and out[-1][0] == "assistant":
-            raise InvalidRequestError(
-                f"message {i}: a system message cannot follow an assistant message"
-            )
-        out.append((role, content))
-    turns = [role for role, _ in out if role != "system"]
-    if turns and turns[0] == "assistant":
-        raise InvalidRequestError(
-            "conversation must start with a user message (after any system messages)"
-        )
-    if out[-1][0] == "assistant":
-        raise InvalidRequestError(
-            "conversation must end with a user message, not an assistant message"
-        )
-    return out
+        if "role" not in m:
+            raise InvalidRequestError(f"message {i} has no 'role'")
+        content = m.get("content")
+        if isinstance(content, (list, tuple)):
+            for part in content:
+                if not (isinstance(part, Mapping) and part.get("type") == "text"):
+                    raise InvalidRequestError(
+                        f"message {i}: content parts must be {{'type': 'text', 'text': ...}}, got {part!r}"
+                    )
+        _check_strings(m, f"message {i}")
+    if tools is not None:
+        if not isinstance(tools, (list, tuple)):
+            raise InvalidRequestError(f"tools must be a list, got {type(tools).__name__}")
+        _check_strings(tools, "tools")
 
 
-def _normalized(messages: list[tuple[str, str]]) -> tuple[str | None, list[tuple[str, str]]]:
-    """(system prompt, turns) as mistral_common's normalizer builds them.
+def _check_strings(value, where: str) -> None:
+    if isinstance(value, str):
+        check_unicode(value, where)
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_strings(k, where)
+            _check_strings(v, where)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_strings(v, where)
 
-    All system messages are joined into one prompt; each run of same-role messages is merged into
-    one turn (a system message in between ends a run); empty texts are skipped when joining.
-    """
-    system = [c for r, c in messages if r == "system" and c]
-    turns: list[tuple[str, list[str]]] = []
-    prev = None
-    for role, content in messages:
-        if role != "system":
-            if role != prev:
-                turns.append((role, []))
-            if content:
-                turns[-1][1].append(content)
-        prev = role
-    merged = [(role, _JOIN.join(parts)) for role, parts in turns]
-    if not merged:  # only system messages: they still need a user turn to sit in
-        merged = [("user", "")]
-    return (_JOIN.join(system) if system else None), merged
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, pydantic.ValidationError):
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return f"{first['msg']} ({where}; {e.error_count()} error(s) in all)"
+    if isinstance(e, KeyError):
+        return f"missing field {e}"
+    return str(e) or type(e).__name__

@@ -5,6 +5,8 @@ generation-layer tests (sampling, generate/stream/chat, CLI).
   ``tokenizer.model``.
 * ``v3``: vocab 32768 with ``mistral_instruct_tokenizer_240323.model.v3`` copied to
   ``tokenizer.model.v3``.
+* ``tekken``: vocab 131072 with mistral_common's ``tekken_240718.json`` copied to
+  ``tekken.json`` (a Mistral-Nemo-style directory).
 * ``notok``: the v1 weights in a directory without any tokenizer file.
 * ``eos``: the v1 model with the LM-head rows of EOS and of one token that greedy decoding
   of ``EOS_PROMPT_IDS`` emits swapped, so that greedy decoding of that prompt emits EOS at a
@@ -34,6 +36,7 @@ import tiny_models as tm
 DATA_DIR = Path(mistral_common.__file__).parent / "data"
 V1_TOKENIZER = DATA_DIR / "tokenizer.model.v1"
 V3_TOKENIZER = DATA_DIR / "mistral_instruct_tokenizer_240323.model.v3"
+TEKKEN_TOKENIZER = DATA_DIR / "tekken_240718.json"
 
 BOS_ID = 1
 EOS_ID = 2
@@ -115,7 +118,7 @@ def _base_dir(tmp_path_factory) -> Path:
 
 
 def get_chat_model(kind: str, tmp_path_factory) -> ChatModel:
-    """The ``kind`` ("v1", "v3", "notok", "eos") model, built on first use."""
+    """The ``kind`` ("v1", "v3", "tekken", "notok", "eos") model, built on first use."""
     if kind in _CACHE:
         return _CACHE[kind]
     base = _base_dir(tmp_path_factory)
@@ -127,6 +130,10 @@ def get_chat_model(kind: str, tmp_path_factory) -> ChatModel:
     elif kind == "v3":
         model = build_chat_model(chat_config(32768), tm.seed_of("chat-v3"))
         tok = _save(model, path, V3_TOKENIZER, "tokenizer.model.v3")
+        result = ChatModel(path, model, tokenizer_file=tok)
+    elif kind == "tekken":
+        model = build_chat_model(chat_config(131072), tm.seed_of("chat-tekken"))
+        tok = _save(model, path, TEKKEN_TOKENIZER, "tekken.json")
         result = ChatModel(path, model, tokenizer_file=tok)
     elif kind == "notok":
         v1 = get_chat_model("v1", tmp_path_factory)
