@@ -38,6 +38,107 @@ def _prepare_device(device: str) -> None:
         preload_cublas()
 
 
+class InsufficientMemoryError(_C.Error, MemoryError):
+    """A model that would not fit the memory this machine has (checked before loading)."""
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when a GPU is visible to a CUDA build, else "cpu"; others unchanged."""
+    if device != "auto":
+        return device
+    return "cuda" if _C.cuda_compiled() and _C.cuda_device_count() > 0 else "cpu"
+
+
+def parameter_count(config: _C.ModelConfig) -> int:
+    """Weights of a model of `config` (the tensors core/checkpoint.cpp plans)."""
+    c = config
+    ffn = 3 * c.hidden_dim * c.dim
+    if c.n_experts > 0:
+        ffn = c.n_experts * ffn + c.n_experts * c.dim  # experts + router
+    attention = (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim * c.dim
+    per_layer = 2 * c.dim + attention + ffn
+    head = 0 if c.tie_embeddings else c.vocab_size * c.dim
+    return c.vocab_size * c.dim + c.n_layers * per_layer + c.dim + head
+
+
+def default_num_blocks(config: _C.ModelConfig, block_size: int, dtype_bytes: int) -> int:
+    """Mirrors Model::default_num_blocks (core/model.cpp): four full-length sequences (one
+    window's ring each under sliding-window attention), capped near 8 GiB of K/V."""
+    if config.sliding_window is not None:
+        per_sequence = -(-config.sliding_window // block_size) + 1
+    else:
+        per_sequence = -(-config.max_seq_len // block_size)
+    bytes_per_block = config.n_layers * 2 * block_size * config.n_kv_heads * config.head_dim * dtype_bytes
+    return max(per_sequence, min(4 * per_sequence, (8 << 30) // bytes_per_block))
+
+
+def memory_estimate(config: _C.ModelConfig, device: str, dtype: Optional[str], block_size: int,
+                    num_blocks: Optional[int]) -> int:
+    """Bytes a model needs on `device`: weights in the compute dtype plus the KV-cache pool."""
+    if dtype is None:
+        dtype = "float32" if resolve_device(device) == "cpu" else "bfloat16"
+    dtype_bytes = _DTYPE_BYTES.get(dtype, 4)
+    if block_size < 1:
+        return 0  # the runner rejects it with its own message
+    blocks = num_blocks if num_blocks else default_num_blocks(config, block_size, dtype_bytes)
+    kv = blocks * config.n_layers * 2 * block_size * config.n_kv_heads * config.head_dim * dtype_bytes
+    return parameter_count(config) * dtype_bytes + kv
+
+
+def available_memory(device: str) -> Optional[int]:
+    """Bytes free for a model on `device`: MemAvailable of /proc/meminfo for the CPU, the
+    driver's free memory for CUDA where the build exposes it; None where unknown."""
+    if resolve_device(device) == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+    mem_get_info = getattr(_C, "cuda_mem_get_info", None)
+    return int(mem_get_info()[0]) if mem_get_info is not None else None
+
+
+def check_memory_fits(config: _C.ModelConfig, device: str, dtype: Optional[str], block_size: int,
+                      num_blocks: Optional[int]) -> None:
+    """Raises InsufficientMemoryError when the model would not fit; silent where unknown."""
+    need = memory_estimate(config, device, dtype, block_size, num_blocks)
+    have = available_memory(device)
+    if have is not None and need > have:
+        where = "RAM" if resolve_device(device) == "cpu" else "GPU memory"
+        raise InsufficientMemoryError(
+            f"this model needs about {need / 2**30:.1f} GiB (weights and KV cache) but only "
+            f"{have / 2**30:.1f} GiB of {where} is available; use a smaller model or num_blocks, "
+            "another device or dtype, or pass check_memory=False to try anyway"
+        )
+
+
+class _LoadingBar:
+    """A tqdm bar in bytes, created on the first progress report: errors found while the
+    directory and headers are checked come before any bar."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self._desc = desc
+        self._enabled = enabled
+        self._bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self._desc,
+                             disable=not self._enabled)
+        self._bar.total = total
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 class Engine:
     """A loaded model: `config`, the C++ runner `model`, its `tokenizer`, and generation."""
 
@@ -48,6 +149,12 @@ class Engine:
         max_batch_size: int = 64,
         prefill_chunk: int = 512,
     ):
+        if not isinstance(model, _C.Model):
+            raise TypeError(
+                f"Engine() takes a loaded model (mistral_cuda._C.Model), not {type(model).__name__} "
+                f"{model!r:.80}; to load a model directory use mc.Engine.from_pretrained(path), "
+                "for random weights mc.Engine.from_config(config)"
+            )
         if max_batch_size < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1")
         self._model = model
@@ -67,6 +174,7 @@ class Engine:
         tokenizer: Union[None, str, os.PathLike, Tokenizer] = None,
         max_batch_size: int = 64,
         prefill_chunk: int = 512,
+        check_memory: bool = True,
     ) -> "Engine":
         """Loads a Hugging Face (config.json) or Mistral consolidated (params.json) directory.
 
@@ -75,27 +183,29 @@ class Engine:
         tokenizer: a SentencePiece file or a Tokenizer; by default the directory's own
         (tokenizer.model.v3, tokenizer.model, ...). Without one, prompts must be token ids.
         max_batch_size: sequences decoded together; prefill_chunk: prompt tokens per step.
+        check_memory: refuse with InsufficientMemoryError, before loading anything, a model
+        whose weights and KV cache exceed the available RAM (CPU) or GPU memory.
+        Ctrl-C during the load stops it (KeyboardInterrupt).
         """
+        config = _C.ModelConfig.from_dir(os.fspath(model_dir))
+        dtype_name = _dtype_name(dtype)
+        if check_memory:
+            check_memory_fits(config, device, dtype_name, block_size, num_blocks)
         if tokenizer is None:
             found = find_tokenizer_file(model_dir) if Path(model_dir).is_dir() else None
             tokenizer = Tokenizer.from_file(found) if found is not None else None
         elif not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_file(tokenizer)
         _prepare_device(device)
-        bar = tqdm(total=0, unit="B", unit_scale=True, desc="Loading weights", disable=not progress)
-
-        def report(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
+        bar = _LoadingBar("Loading weights", progress)
         try:
             model = _C.Model.load(
                 os.fspath(model_dir),
                 device=device,
-                dtype=_dtype_name(dtype),
+                dtype=dtype_name,
                 block_size=block_size,
                 num_blocks=0 if num_blocks is None else num_blocks,
-                progress=report,
+                progress=bar,
             )
         finally:
             bar.close()
@@ -116,19 +226,33 @@ class Engine:
         block_size: int = 16,
         num_blocks: Optional[int] = None,
         tokenizer: Union[None, str, os.PathLike, Tokenizer] = None,
+        progress: bool = True,
+        check_memory: bool = True,
     ) -> "Engine":
         """A model of `config` (e.g. ModelConfig.preset("mistral-7b-v0.1")) with random weights
         drawn from `seed` directly on the device: for benchmarks without a checkpoint. The same
-        seed gives the same weights on the CPU and on CUDA (up to the dtype's rounding)."""
+        seed gives the same weights on the CPU and on CUDA (up to the dtype's rounding).
+        progress and check_memory as in from_pretrained (the CPU reports drawing progress)."""
+        if not isinstance(config, _C.ModelConfig):
+            raise TypeError(f"config must be a mistral_cuda.ModelConfig, got {type(config).__name__}")
+        config.validate()
+        dtype_name = _dtype_name(dtype)
+        if check_memory:
+            check_memory_fits(config, device, dtype_name, block_size, num_blocks)
         _prepare_device(device)
-        model = _C.Model.from_config(
-            config,
-            device=device,
-            dtype=_dtype_name(dtype),
-            seed=seed,
-            block_size=block_size,
-            num_blocks=0 if num_blocks is None else num_blocks,
-        )
+        bar = _LoadingBar("Drawing random weights", progress)
+        try:
+            model = _C.Model.from_config(
+                config,
+                device=device,
+                dtype=dtype_name,
+                seed=seed,
+                block_size=block_size,
+                num_blocks=0 if num_blocks is None else num_blocks,
+                progress=bar,
+            )
+        finally:
+            bar.close()
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_file(tokenizer)
         return cls(model, tokenizer)
@@ -275,5 +399,9 @@ class Stream:
         self.output = self._request.output()
 
     def close(self) -> None:
-        """Stops early and frees the sequence."""
+        """Stops early and frees the sequence; `.output` then holds what was produced, with
+        finish_reason "abort" unless the completion had already ended."""
         self._events.close()
+        if self.output is None:
+            self._request.abort()
+            self.output = self._request.output()

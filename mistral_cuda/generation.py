@@ -22,8 +22,8 @@ from mistral_cuda.sampling import SamplingParams, TokenLogprob, sample_next, tok
 
 @dataclass
 class CompletionOutput:
-    """One finished completion. finish_reason: "stop" (EOS, a stop token or a stop string) or
-    "length" (max_tokens, or the model's max_seq_len)."""
+    """One finished completion. finish_reason: "stop" (EOS, a stop token or a stop string),
+    "length" (max_tokens, or the model's max_seq_len) or "abort" (Stream.close() before the end)."""
 
     text: str
     token_ids: List[int]
@@ -116,6 +116,13 @@ class Request:
         if self.finish_reason is None:
             self.finish_reason = reason
             self.finished = time.perf_counter()
+
+    def abort(self) -> None:
+        """Ends a request stopped from outside: its text so far is final."""
+        if self.finish_reason is None:
+            if not self.started:
+                self.started = time.perf_counter()
+            self._finish("abort")
 
     def take_delta(self) -> str:
         """Text that is final: all of it once finished, else all but what could still turn out

@@ -9,6 +9,7 @@ from typing import Dict, Iterable, List, Optional, Union
 import torch
 
 MAX_LOGPROBS = 20
+MAX_SEED = 2**64 - 1  # torch.Generator seeds are 64-bit
 
 
 def _is_int(value) -> bool:
@@ -26,7 +27,8 @@ class SamplingParams:
     temperature 0 is greedy. top_k 0 or -1, top_p 1 and min_p 0 disable their filter. stop
     strings are cut from the text; stop_token_ids and EOS end the completion too (unless
     ignore_eos). logprobs=k returns the chosen token's log-probability and the k most likely
-    tokens at each step (raw model distribution). seed makes sampling reproducible.
+    tokens at each step (raw model distribution). seed (0 .. 2**64 - 1) makes sampling
+    reproducible.
     """
 
     max_tokens: int = 64
@@ -62,8 +64,8 @@ class SamplingParams:
             or self.repetition_penalty <= 0
         ):
             raise bad("repetition_penalty", "a finite number > 0")
-        if self.seed is not None and not _is_int(self.seed):
-            raise bad("seed", "None or an int")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise bad("seed", "None or an int in [0, 2**64 - 1]")
         if isinstance(self.stop, str):
             stops = [self.stop]
         elif self.stop is None:

@@ -225,10 +225,16 @@ std::vector<WeightSlot> weight_slots(const ModelConfig& config, ModelWeights& we
   return slots;
 }
 
-ModelWeights random_weights(const ModelConfig& config, uint64_t seed) {
+ModelWeights random_weights(const ModelConfig& config, uint64_t seed, const ProgressFn& progress) {
   config.validate();
   ModelWeights weights;
   std::vector<WeightSlot> slots = weight_slots(config, weights);
+  int64_t total_bytes = 0, done_bytes = 0;
+  for (const WeightSlot& slot : slots) {
+    int64_t numel = 1;
+    for (int64_t extent : slot.shape) numel *= extent;
+    total_bytes += numel * static_cast<int64_t>(sizeof(float));
+  }
   for (size_t slot = 0; slot < slots.size(); ++slot) {
     Tensor tensor = Tensor::empty(DType::kF32, slots[slot].shape);
     float* data = tensor.f32();
@@ -238,6 +244,8 @@ ModelWeights random_weights(const ModelConfig& config, uint64_t seed) {
 #pragma omp parallel for schedule(static) if (n > 65536)
     for (int64_t i = 0; i < n; ++i) data[i] = is_norm ? 1.0f : kRandomWeightStd * normal_sample(stream, i);
     *slots[slot].target = std::move(tensor);
+    done_bytes += n * static_cast<int64_t>(sizeof(float));
+    if (progress) progress(done_bytes, total_bytes);
   }
   if (config.tie_embeddings) weights.output = weights.tok_embeddings;
   return weights;

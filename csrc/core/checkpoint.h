@@ -70,6 +70,7 @@ struct WeightSlot {
 std::vector<WeightSlot> weight_slots(const ModelConfig& config, ModelWeights& weights);
 
 // A random model in float32 host memory (see core/random.h: the GPU draws the same numbers).
-ModelWeights random_weights(const ModelConfig& config, uint64_t seed);
+// `progress` is called after each tensor, in float32 bytes.
+ModelWeights random_weights(const ModelConfig& config, uint64_t seed, const ProgressFn& progress = {});
 
 }  // namespace mc

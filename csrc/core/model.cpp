@@ -93,8 +93,8 @@ std::unique_ptr<Model> Model::from_config(const ModelConfig& config, uint64_t se
   config.validate();
   std::unique_ptr<Model> model = prepare(config, options);
   if (model->device_ == "cpu") {
-    model->backend_ = std::make_unique<cpu::CpuBackend>(config, random_weights(config, seed), model->blocks_.layout(),
-                                                        model->blocks_.num_blocks());
+    model->backend_ = std::make_unique<cpu::CpuBackend>(config, random_weights(config, seed, options.progress),
+                                                        model->blocks_.layout(), model->blocks_.num_blocks());
   } else {
     model->backend_ = make_random_cuda_backend(model->backend_init(options), seed);
   }

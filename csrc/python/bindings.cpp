@@ -102,8 +102,8 @@ std::unique_ptr<mc::Model> load_model(const std::string& model_dir, const std::s
 
 std::unique_ptr<mc::Model> model_from_config(const mc::ModelConfig& config, const std::string& device,
                                              const std::optional<std::string>& dtype, uint64_t seed,
-                                             int32_t block_size, int64_t num_blocks) {
-  mc::ModelOptions options = model_options(device, dtype, block_size, num_blocks, py::none());
+                                             int32_t block_size, int64_t num_blocks, py::object progress) {
+  mc::ModelOptions options = model_options(device, dtype, block_size, num_blocks, progress);
   py::gil_scoped_release no_gil;
   return mc::Model::from_config(config, seed, options);
 }
@@ -170,7 +170,7 @@ PYBIND11_MODULE(_C, m) {
                   py::arg("block_size") = 16, py::arg("num_blocks") = 0, py::arg("progress") = py::none())
       .def_static("from_config", &model_from_config, py::arg("config"), py::arg("device") = "cpu",
                   py::arg("dtype") = py::none(), py::arg("seed") = 0, py::arg("block_size") = 16,
-                  py::arg("num_blocks") = 0)
+                  py::arg("num_blocks") = 0, py::arg("progress") = py::none())
       .def_property_readonly("config", &mc::Model::config)
       .def_property_readonly("device", &mc::Model::device)
       .def_property_readonly("dtype", [](const mc::Model& m) { return std::string(mc::dtype_name(m.dtype())); })
