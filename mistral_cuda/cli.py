@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -156,19 +158,40 @@ def logprob_lines(output: CompletionOutput, tokenizer: Optional[Tokenizer]) -> L
 
 
 def print_stream(stream: Stream) -> Tuple[CompletionOutput, bool]:
-    """Writes the deltas to stdout; on Ctrl-C stops the stream and writes what it had produced.
-    Returns the output and whether it was interrupted."""
+    """Writes the deltas to stdout; on Ctrl-C stops the stream and writes the rest of what it
+    had produced. Returns the output and whether it was interrupted.
+
+    A SIGINT that arrives while a delta is being written waits until the delta is written and
+    counted (a second one does not wait), so the text after the interrupt is neither lost nor
+    written twice."""
     printed = 0
-    interrupted = False
+    writing = deferred = interrupted = False
+
+    def on_sigint(signum, frame) -> None:
+        nonlocal deferred
+        if writing and not deferred:
+            deferred = True
+        else:
+            raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
     try:
         for delta in stream:
+            writing = True
             sys.stdout.write(delta)
             sys.stdout.flush()
             printed += len(delta)
+            writing = False
+            if deferred:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
         stream.close()
         sys.stdout.write(stream.output.text[printed:])
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
     sys.stdout.write("\n")
     sys.stdout.flush()
     return stream.output, interrupted
