@@ -120,13 +120,15 @@ def test_stream_close_sets_output_abort(tmp_path_factory):
     "edit,named",
     [
         (lambda c: c.update(model_type="gemma"), "gemma"),
+        (lambda c: c.update(model_type="gemma", architectures=["GemmaForCausalLM"], hidden_act="gelu_pytorch_tanh"),
+         "gemma"),
         (lambda c: c.update(architectures=["GemmaForCausalLM"]), "GemmaForCausalLM"),
         (lambda c: c.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"]), "qwen2"),
         (lambda c: c.update(architectures=["MixtralForCausalLM"]), "MixtralForCausalLM"),
         (lambda c: c.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=True), "attention_bias"),
         (lambda c: c.update(model_type="llama", architectures=["LlamaForCausalLM"], mlp_bias=True), "mlp_bias"),
     ],
-    ids=["model_type-gemma", "architecture-gemma", "qwen2", "mismatch", "llama-attention-bias", "llama-mlp-bias"],
+    ids=["model_type-gemma", "gemma-config", "architecture-gemma", "qwen2", "mismatch", "llama-attention-bias", "llama-mlp-bias"],
 )
 def test_unsupported_model_type_refused(edit, named, mistral_sw, tmp_path):
     path = shutil.copytree(mistral_sw.path, tmp_path / "model")

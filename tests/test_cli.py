@@ -314,6 +314,13 @@ def test_options_checked_before_loading(flags, pattern, v1, tmp_path):
         assert "Loading" not in r.stderr and "Traceback" not in r.stderr, describe(r)
 
 
+@pytest.mark.skipif(mc.cuda_compiled() and mc.cuda_device_count() > 0, reason="a GPU is visible here")
+def test_device_cuda_without_a_gpu_is_a_usage_error(v1):
+    r = run_cli("generate", v1.path, PROMPT, "--device", "cuda", timeout=60)
+    assert r.returncode == 2 and "--device cuda" in r.stderr.strip().splitlines()[-1], describe(r)
+    assert "Loading" not in r.stderr, describe(r)
+
+
 def test_missing_prompt_file_is_a_usage_error(v1, tmp_path):
     r = run_cli("generate", v1.path, f"@{tmp_path / 'nope.txt'}", timeout=60)
     assert r.returncode == 2 and "nope.txt" in r.stderr.strip().splitlines()[-1], describe(r)

@@ -144,6 +144,7 @@ ModelConfig ModelConfig::preset(const std::string& name) {
 
 ModelConfig ModelConfig::from_hf_json(const Json& json, const std::string& source) {
   FieldReader fields(json, source);
+  const ModelFamily& family = model_family(fields, source);  // first: another model's fields mislead
   ModelConfig config;
   config.dim = fields.required_int("hidden_size");
   config.n_layers = fields.required_int("num_hidden_layers");
@@ -168,7 +169,6 @@ ModelConfig ModelConfig::from_hf_json(const Json& json, const std::string& sourc
     fail(ErrorKind::kCheckpoint, source, ": hidden_act '", act->string("hidden_act"), "' is not supported (silu only)");
 
   // An absent key takes transformers' class default: Mistral 4096, Mixtral and Llama full attention.
-  const ModelFamily& family = model_family(fields, source);
   const Json* window = json.find("sliding_window");
   if (window == nullptr) {
     if (family.default_window) config.sliding_window = 4096;
