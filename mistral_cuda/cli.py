@@ -54,7 +54,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-blocks", type=_positive_int, default=None, metavar="N",
                         help="KV-cache blocks of 16 tokens (None: room for four full-length sequences, "
                              "capped near 8 GiB)")
-    parser.add_argument("--tokenizer", default=None, metavar="FILE", help="SentencePiece file (None: the model directory's)")
+    parser.add_argument("--tokenizer", default=None, metavar="FILE",
+                        help="SentencePiece file (None: the model directory's)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -63,8 +64,10 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0 is greedy")
     g.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the k most likely tokens (0: all)")
     g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1: off)")
-    g.add_argument("--min-p", type=float, default=0.0, metavar="P", help="drop tokens below min-p x the best one (0: off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="> 1 discourages repeats (1: off)")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens below min-p x the best one (0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="> 1 discourages repeats (1: off)")
     g.add_argument("--seed", type=int, default=None, metavar="S", help="0 .. 2**64-1 for reproducible sampling")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
     g.add_argument("--stop-token-ids", type=_token_ids, default=None, metavar="IDS",
@@ -236,7 +239,9 @@ def cmd_chat(args, params: SamplingParams) -> int:
     engine = _load(args)
     tokenizer = engine.tokenizer
     if tokenizer is None:
-        raise _C.InvalidRequestError(f"chat needs a tokenizer: {args.model_dir} holds no tokenizer.model*; pass --tokenizer FILE")
+        raise _C.InvalidRequestError(
+            f"chat needs a tokenizer: {args.model_dir} holds no tokenizer.model*; pass --tokenizer FILE"
+        )
     system = [{"role": "system", "content": args.system}] if args.system else []
     turns: List[dict] = []
     print(
@@ -291,7 +296,9 @@ def cmd_demo(args, params: Optional[SamplingParams]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="mistral-cuda", description=__doc__.split("\n\n")[0], formatter_class=formatter)
+    parser = argparse.ArgumentParser(
+        prog="mistral-cuda", description=__doc__.split("\n\n")[0], formatter_class=formatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser(
@@ -316,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="run the whole path on a small random-weight model", formatter_class=formatter
     )
-    demo.add_argument("--cache-dir", default=default_cache_dir(), metavar="DIR", help="where the demo checkpoint is kept")
+    demo.add_argument("--cache-dir", default=default_cache_dir(), metavar="DIR",
+                      help="where the demo checkpoint is kept")
     demo.add_argument("--max-tokens", type=_positive_int, default=64, metavar="N", help="tokens to decode")
     demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
     demo.set_defaults(run=cmd_demo, parser=demo, sampled=False)
