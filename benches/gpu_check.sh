@@ -154,7 +154,7 @@ import os
 
 import torch
 import mistral_cuda as mc
-from mistral_cuda import ops
+from mistral_cuda import testing as ops
 
 print("mistral_cuda", mc.__version__, "from", mc.__file__, "with", mc._C.__file__)
 here = os.path.dirname(os.path.abspath(mc.__file__))
@@ -191,7 +191,8 @@ fi
 if want test; then
   if pick tests; then
     run_step --quiet tests "${TEST_LIMIT:-420}" "$PY" -m pytest -m cuda -v -rfEs --durations=15 \
-      -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml" tests/test_cuda_ops.py tests/test_cuda_model.py
+      -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml" tests/test_cuda_ops.py tests/test_cuda_model.py \
+      tests/test_scheduler.py
   fi
   if pick tests_moe; then
     run_step --quiet tests_moe "${TEST_MOE_LIMIT:-300}" "$PY" -m pytest -m cuda -v -rfEs --durations=15 \

@@ -1,35 +1,81 @@
-"""The `mistral-cuda` command: generate, chat, demo."""
+"""The `mistral-cuda` command: generate, chat, demo.
+
+Every option is checked (sampling values, device and dtype, the prompt file) before the model
+is touched, with argparse's usage message and exit status 2. The completion goes to stdout;
+the loading bar, statistics, logprobs and notices go to stderr. SIGINT (Ctrl-C) ends a
+`generate` with a newline and the statistics of what was generated, exit status 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
-from typing import List, Optional
+import threading
+from pathlib import Path
+from typing import List, Optional, Tuple
 
 from mistral_cuda import _C
-from mistral_cuda.engine import Engine, Stream
+from mistral_cuda.engine import Engine, Stream, resolve_device
 from mistral_cuda.generation import CompletionOutput
 from mistral_cuda.guards import ContentFilteredError, KeywordGuard, SelfReflectionGuard
 from mistral_cuda.sampling import SamplingParams
+from mistral_cuda.tokenizer import Tokenizer
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _token_ids(text: str) -> List[int]:
+    try:
+        ids = [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+    if not ids or any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids >= 0, got {text!r}")
+    return ids
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="Hugging Face or Mistral consolidated model directory")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-    parser.add_argument("--tokenizer", default=None, help="SentencePiece or Tekken file (default: the model directory's)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where to run; auto picks cuda when a GPU is visible")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="weight dtype; auto keeps the checkpoint's on the CPU (which computes in "
+                        "float32), bfloat16 on CUDA")
+    parser.add_argument("--num-blocks", type=_positive_int, default=None, metavar="N",
+                        help="KV-cache blocks of 16 tokens (None: room for four full-length sequences, "
+                             "capped near 8 GiB)")
+    parser.add_argument("--tokenizer", default=None, metavar="FILE",
+                        help="SentencePiece or Tekken file (None: the model directory's)")
 
 
-def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens)
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--max-tokens", type=int, default=256, metavar="N", help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0 is greedy")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the k most likely tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1: off)")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens below min-p x the best one (0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="> 1 discourages repeats (1: off)")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="0 .. 2**64-1 for reproducible sampling")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    g.add_argument("--stop-token-ids", type=_token_ids, default=None, metavar="IDS",
+                   help="comma-separated token ids that end the completion")
+    g.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="print each generated token's log-probability and the N most likely (0..20) to stderr")
     g.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
 
 
@@ -43,6 +89,8 @@ def _sampling(args) -> SamplingParams:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         stop=args.stop,
+        stop_token_ids=args.stop_token_ids,
+        logprobs=args.logprobs,
         ignore_eos=args.ignore_eos,
     )
 
@@ -57,23 +105,61 @@ def _add_guard_args(parser: argparse.ArgumentParser) -> None:
                    help="have the model classify prompts and answers with Mistral's moderation categories")
 
 
-def _guards(args, engine: Engine) -> list:
-    guards = []
-    patterns = list(args.block_word or [])
-    for r in args.block_regex or []:
+def _check_guard_args(parser: argparse.ArgumentParser, args) -> None:
+    for r in getattr(args, "block_regex", None) or []:
         try:
-            patterns.append(re.compile(r))
+            re.compile(r)
         except re.error as e:
-            raise ValueError(f"--block-regex {r!r}: {e}") from None
-    if patterns:
-        guards.append(KeywordGuard(patterns))
+            parser.error(f"--block-regex {r!r}: {e}")
+
+
+def _guards(args, engine: Engine) -> list:
+    patterns = list(args.block_word or []) + [re.compile(r) for r in args.block_regex or []]
+    guards = [KeywordGuard(patterns)] if patterns else []
     if args.self_reflection:
         guards.append(SelfReflectionGuard(engine))
     return guards
 
 
+def _flag_message(error: ValueError) -> str:
+    """SamplingParams.top_p ... -> --top-p ..., so the message names the flag given."""
+    return re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(error))
+
+
+def _check_device(parser: argparse.ArgumentParser, args) -> None:
+    if args.device == "cuda" and not (_C.cuda_compiled() and _C.cuda_device_count() > 0):
+        why = "this build has no CUDA backend" if not _C.cuda_compiled() else "no CUDA device is visible"
+        parser.error(f"--device cuda: {why}; use --device cpu")
+    device = resolve_device(args.device)
+    if device == "cuda" and args.dtype == "float32":
+        parser.error("--dtype float32: the CUDA backend computes in bfloat16 or float16")
+
+
+def _read_prompt(parser: argparse.ArgumentParser, prompt: str) -> str:
+    """`-` reads stdin, `@FILE` a file (one trailing newline dropped); anything else is the text."""
+    if prompt == "-":
+        text = sys.stdin.read()
+    elif prompt.startswith("@"):
+        try:
+            text = Path(prompt[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"cannot read the prompt file {prompt[1:]!r}: {e}")
+    else:
+        return prompt
+    text = text[:-1] if text.endswith("\n") else text
+    if not text:
+        parser.error(f"the prompt read from {'stdin' if prompt == '-' else prompt[1:]!r} is empty")
+    return text
+
+
 def _load(args) -> Engine:
-    return Engine.from_pretrained(args.model_dir, device=args.device, tokenizer=args.tokenizer)
+    return Engine.from_pretrained(
+        args.model_dir,
+        device=args.device,
+        dtype=None if args.dtype == "auto" else args.dtype,
+        num_blocks=args.num_blocks,
+        tokenizer=args.tokenizer,
+    )
 
 
 def stats_line(output: CompletionOutput) -> str:
@@ -87,109 +173,216 @@ def stats_line(output: CompletionOutput) -> str:
     )
 
 
-def _print_stream(stream: Stream) -> CompletionOutput:
-    for delta in stream:
-        sys.stdout.write(delta)
-        sys.stdout.flush()
+def logprob_lines(output: CompletionOutput, tokenizer: Optional[Tokenizer]) -> List[str]:
+    """One tab-separated line per generated token: index, id, piece, log-probability, and the
+    top tokens as id:logprob."""
+    def piece(token: int) -> str:
+        return repr(tokenizer.id_to_piece(token)) if tokenizer is not None else "-"
+
+    lines = []
+    for i, entry in enumerate(output.logprobs or []):
+        top = " ".join(f"{t}:{lp:.6f}" for t, lp in entry.top_logprobs.items())
+        lines.append(f"logprob\t{i}\t{entry.token_id}\t{piece(entry.token_id)}\t{entry.logprob:.6f}\t{top}")
+    return lines
+
+
+def print_stream(stream: Stream) -> Tuple[CompletionOutput, bool]:
+    """Writes the deltas to stdout; on Ctrl-C stops the stream and writes the rest of what it
+    had produced. Returns the output and whether it was interrupted.
+
+    A SIGINT that arrives while a delta is being written waits until the delta is written and
+    counted (a second one does not wait), so the text after the interrupt is neither lost nor
+    written twice."""
+    printed = 0
+    writing = deferred = interrupted = False
+
+    def on_sigint(signum, frame) -> None:
+        nonlocal deferred
+        if writing and not deferred:
+            deferred = True
+        else:
+            raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
+    try:
+        for delta in stream:
+            writing = True
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+            printed += len(delta)
+            writing = False
+            if deferred:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        interrupted = True
+        stream.close()
+        sys.stdout.write(stream.output.text[printed:])
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
     sys.stdout.write("\n")
     sys.stdout.flush()
-    return stream.output
+    return stream.output, interrupted
 
 
-def cmd_generate(args) -> None:
-    engine = _load(args)
-    output = _print_stream(engine.stream(args.prompt, _sampling(args), guard=_guards(args, engine)))
+def _report(output: CompletionOutput, engine: Engine) -> None:
     print(stats_line(output), file=sys.stderr)
+    for line in logprob_lines(output, engine.tokenizer):
+        print(line, file=sys.stderr)
 
 
-def cmd_chat(args) -> None:
+def cmd_generate(args, params: SamplingParams) -> int:
     engine = _load(args)
-    params = _sampling(args)
-    guards = _guards(args, engine)
-    messages: List[dict] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    print("Chat: an empty line is skipped, /exit or end of input quits.", file=sys.stderr)
+    output, interrupted = print_stream(engine.stream(args.prompt, params, guard=_guards(args, engine)))
+    _report(output, engine)
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+def fit_conversation(
+    tokenizer: Tokenizer, config, system: List[dict], turns: List[dict], max_tokens: int, safe_prompt: bool
+) -> Tuple[List[int], int]:
+    """The prompt ids of `system + turns` after dropping the oldest (user, assistant) pairs of
+    `turns` (in place) until the prompt and max_tokens fit a full-attention model's
+    max_seq_len; returns (ids, pairs dropped). The last user turn is always kept."""
+    dropped = 0
     while True:
-        sys.stdout.write("user> ")
-        sys.stdout.flush()
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
+        ids = tokenizer.encode_chat(system + turns, safe_prompt=safe_prompt)
+        if config.sliding_window is not None or len(ids) + max_tokens <= config.max_seq_len or len(turns) <= 1:
+            return ids, dropped
+        del turns[:2]
+        dropped += 1
+
+
+def _read_line(prompt: str) -> Optional[str]:
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    line = sys.stdin.readline()
+    return line if line else None
+
+
+def cmd_chat(args, params: SamplingParams) -> int:
+    engine = _load(args)
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise _C.InvalidRequestError(
+            f"chat needs a tokenizer: {args.model_dir} holds no tokenizer.model*; pass --tokenizer FILE"
+        )
+    guards = _guards(args, engine)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    turns: List[dict] = []
+    print(
+        "Chat: /reset clears the conversation, /exit or end of input quits; Ctrl-C stops a reply, "
+        "Ctrl-C at the prompt quits.",
+        file=sys.stderr,
+    )
+    while True:
+        try:
+            line = _read_line("user> ")
+        except KeyboardInterrupt:
             sys.stdout.write("\n")
-            return
+            return EXIT_INTERRUPTED
+        if line is None or line.strip() == "/exit":
+            sys.stdout.write("\n")
+            return 0
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
+        if line.strip() == "/reset":
+            turns.clear()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        turns.append({"role": "user", "content": line.rstrip("\n")})
+        ids, dropped = fit_conversation(tokenizer, engine.config, system, turns, params.max_tokens, args.safe_prompt)
+        if dropped:
+            print(
+                f"(dropped the oldest {dropped} exchange(s) to fit max_seq_len {engine.config.max_seq_len}"
+                f"{'; the system prompt is kept' if system else ''})",
+                file=sys.stderr,
+            )
         try:
-            stream = engine.stream_chat(messages, params, safe_prompt=args.safe_prompt, guard=guards)
+            stream = engine.stream(ids, params, guard=guards)
         except ContentFilteredError as e:
             print(f"[refused: {e}]", file=sys.stderr)
-            messages.pop()
+            turns.pop()
+            continue
+        except _C.Error as e:
+            print(f"mistral-cuda: error: {e}", file=sys.stderr)
+            turns.pop()
             continue
         sys.stdout.write("assistant> ")
-        output = _print_stream(stream)
-        print(stats_line(output), file=sys.stderr)
-        if output.text:
-            messages.append({"role": "assistant", "content": output.text})
-        else:  # nothing to keep (blocked from the start): the turn is dropped
-            messages.pop()
+        output, interrupted = print_stream(stream)
+        _report(output, engine)
+        if interrupted:
+            print("(reply cancelled; this exchange is not kept)", file=sys.stderr)
+            turns.pop()
+        elif output.text:
+            turns.append({"role": "assistant", "content": output.text})
+        else:  # nothing to keep (blocked from the start, or an immediate EOS): the turn is dropped
+            turns.pop()
 
 
-def cmd_demo(args) -> None:
-    from mistral_cuda.demo import DEMO_SHAPE, demo_checkpoint
+def cmd_demo(args, params: Optional[SamplingParams]) -> int:
+    from mistral_cuda.demo import run_demo
 
-    path, cached = demo_checkpoint(args.cache_dir)
-    shape = ", ".join(f"{k} {v}" for k, v in DEMO_SHAPE.items())
-    print(f"Demo model ({shape}) {'cached at' if cached else 'built at'} {path}")
-    print("Its weights are RANDOM: expect gibberish text. It shows the pipeline and its speed.")
-    engine = Engine.from_pretrained(path, device=args.device)
-    messages = [{"role": "user", "content": "Write a short poem about fast inference on GPUs."}]
-    tokenizer = engine.tokenizer
-    prompt_ids = tokenizer.encode_chat(messages)
-    pieces = "".join(tokenizer.id_to_piece(i) for i in prompt_ids)
-    print(f"Chat template ({tokenizer.version} tokenizer), as pieces: {pieces}")
-    print(f"Prompt: {len(prompt_ids)} tokens; decoding {args.max_tokens} tokens on {engine.device}:")
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.8, top_p=0.95, seed=0, ignore_eos=True)
-    output = _print_stream(engine.stream(prompt_ids, params))
-    print(stats_line(output))
+    return run_demo(args.cache_dir, args.device, args.max_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mistral-cuda", description=__doc__)
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="mistral-cuda", description=__doc__.split("\n\n")[0], formatter_class=formatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    generate = commands.add_parser("generate", help="complete a prompt (plain text, no chat template)")
+    generate = commands.add_parser(
+        "generate", help="complete a prompt (plain text, no chat template)", formatter_class=formatter
+    )
     _add_model_args(generate)
-    generate.add_argument("prompt")
+    generate.add_argument("prompt", help="the text; - reads it from stdin, @FILE from a file")
     _add_sampling_args(generate)
     _add_guard_args(generate)
-    generate.set_defaults(run=cmd_generate)
+    generate.set_defaults(run=cmd_generate, parser=generate, sampled=True)
 
-    chat = commands.add_parser("chat", help="interactive multi-turn chat with the [INST] template")
+    chat = commands.add_parser(
+        "chat", help="interactive multi-turn chat with the [INST] template", formatter_class=formatter
+    )
     _add_model_args(chat)
-    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
     chat.add_argument("--safe-prompt", action="store_true", help="add Mistral's guardrail system prompt")
     _add_sampling_args(chat)
     _add_guard_args(chat)
-    chat.set_defaults(run=cmd_chat)
+    chat.set_defaults(run=cmd_chat, parser=chat, sampled=True)
 
     from mistral_cuda.demo import default_cache_dir
 
-    demo = commands.add_parser("demo", help="run the whole path on a small random-weight model")
-    demo.add_argument("--cache-dir", default=default_cache_dir(), help="where the demo checkpoint is kept")
-    demo.add_argument("--max-tokens", type=int, default=64)
-    demo.add_argument("--device", default="auto")
-    demo.set_defaults(run=cmd_demo)
+    demo = commands.add_parser(
+        "demo", help="run the whole path on a small random-weight model", formatter_class=formatter
+    )
+    demo.add_argument("--cache-dir", default=default_cache_dir(), metavar="DIR",
+                      help="where the demo checkpoint is kept")
+    demo.add_argument("--max-tokens", type=_positive_int, default=64, metavar="N", help="tokens to decode")
+    demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    demo.set_defaults(run=cmd_demo, parser=demo, sampled=False)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    params = None
+    if args.sampled:
+        try:
+            params = _sampling(args)
+        except ValueError as e:
+            args.parser.error(_flag_message(e))
+        _check_device(args.parser, args)
+        _check_guard_args(args.parser, args)
+        if getattr(args, "prompt", None) is not None:
+            args.prompt = _read_prompt(args.parser, args.prompt)
     try:
-        args.run(args)
+        return args.run(args, params)
     except KeyboardInterrupt:
-        return 130
-    except (_C.Error, ValueError, TypeError, OSError, RuntimeError) as e:
+        print("\nmistral-cuda: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (_C.Error, ValueError, TypeError, OSError, RuntimeError, MemoryError) as e:
         print(f"mistral-cuda: error: {e}", file=sys.stderr)
         return 1
-    return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -112,3 +113,26 @@ def demo_checkpoint(cache_dir: Path) -> tuple[Path, bool]:
         if staging.exists():
             shutil.rmtree(staging)
     return path, False
+
+
+def run_demo(cache_dir: Path, device: str, max_tokens: int) -> int:
+    """`mistral-cuda demo`: what is shown goes to stdout, the statistics to stderr."""
+    from mistral_cuda.cli import EXIT_INTERRUPTED, print_stream, stats_line
+    from mistral_cuda.engine import Engine
+    from mistral_cuda.sampling import SamplingParams
+
+    path, cached = demo_checkpoint(cache_dir)
+    shape = ", ".join(f"{k} {v}" for k, v in DEMO_SHAPE.items())
+    print(f"Demo model ({shape}) {'cached at' if cached else 'built at'} {path}")
+    print("Its weights are RANDOM: expect gibberish text. It shows the pipeline and its speed.")
+    engine = Engine.from_pretrained(path, device=device)
+    messages = [{"role": "user", "content": "Write a short poem about fast inference on GPUs."}]
+    tokenizer = engine.tokenizer
+    prompt_ids = tokenizer.encode_chat(messages)
+    pieces = "".join(tokenizer.id_to_piece(i) for i in prompt_ids)
+    print(f"Chat template ({tokenizer.version} tokenizer), as pieces: {pieces}")
+    print(f"Prompt: {len(prompt_ids)} tokens; decoding {max_tokens} tokens on {engine.device}:")
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=0, ignore_eos=True)
+    output, interrupted = print_stream(engine.stream(prompt_ids, params))
+    print(stats_line(output), file=sys.stderr)
+    return EXIT_INTERRUPTED if interrupted else 0

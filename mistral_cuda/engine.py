@@ -62,6 +62,112 @@ def _prepare_device(device: str) -> None:
         preload_cublas()
 
 
+class InsufficientMemoryError(_C.Error, MemoryError):
+    """A model that would not fit the memory this machine has (checked before loading)."""
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when a GPU is visible to a CUDA build, else "cpu"; others unchanged."""
+    if device != "auto":
+        return device
+    return "cuda" if _C.cuda_compiled() and _C.cuda_device_count() > 0 else "cpu"
+
+
+def parameter_count(config: _C.ModelConfig) -> int:
+    """Weights of a model of `config` (the tensors core/checkpoint.cpp plans)."""
+    c = config
+    ffn = 3 * c.hidden_dim * c.dim
+    if c.n_experts > 0:
+        ffn = c.n_experts * ffn + c.n_experts * c.dim  # experts + router
+    attention = (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim * c.dim
+    per_layer = 2 * c.dim + attention + ffn
+    head = 0 if c.tie_embeddings else c.vocab_size * c.dim
+    return c.vocab_size * c.dim + c.n_layers * per_layer + c.dim + head
+
+
+def default_num_blocks(config: _C.ModelConfig, block_size: int, dtype_bytes: int) -> int:
+    """The runner's default pool (Model::default_num_blocks): four full-length sequences (one
+    window's ring each under sliding-window attention), capped near 8 GiB of K/V."""
+    return _C.Model.default_num_blocks(config, block_size, "float32" if dtype_bytes == 4 else "bfloat16")
+
+
+def checkpoint_bytes(model_dir) -> Optional[int]:
+    """Bytes of a directory's weight files (what a CPU load keeps resident, dtype unchanged)."""
+    files = [p for p in Path(model_dir).glob("*.safetensors") if p.name.startswith(("model", "consolidated"))]
+    return sum(p.stat().st_size for p in files) if files else None
+
+
+def memory_estimate(config: _C.ModelConfig, device: str, dtype: Optional[str], block_size: int,
+                    num_blocks: Optional[int], stored_bytes: Optional[int] = None) -> int:
+    """Bytes a model needs on `device`: its weights plus the KV-cache pool. The CPU keeps
+    weights as stored (stored_bytes, when dtype is None and they are known) and its KV cache
+    in float32; CUDA holds both in the half dtype."""
+    cpu = resolve_device(device) == "cpu"
+    if block_size < 1:
+        return 0  # the runner rejects it with its own message
+    weight_dtype = dtype or ("float32" if cpu else "bfloat16")
+    kv_bytes = 4 if cpu else _DTYPE_BYTES.get(weight_dtype, 2)
+    blocks = num_blocks if num_blocks else default_num_blocks(config, block_size, kv_bytes)
+    kv = blocks * config.n_layers * 2 * block_size * config.n_kv_heads * config.head_dim * kv_bytes
+    if cpu and dtype is None and stored_bytes is not None:
+        return stored_bytes + kv
+    return parameter_count(config) * _DTYPE_BYTES.get(weight_dtype, 4) + kv
+
+
+def check_memory_fits(config: _C.ModelConfig, device: str, dtype: Optional[str], block_size: int,
+                      num_blocks: Optional[int], stored_bytes: Optional[int] = None) -> None:
+    """Raises InsufficientMemoryError when the model would not fit; silent where unknown."""
+    need = memory_estimate(config, device, dtype, block_size, num_blocks, stored_bytes)
+    have = available_memory(device)
+    if have is not None and need > have:
+        where = "RAM" if resolve_device(device) == "cpu" else "GPU memory"
+        raise InsufficientMemoryError(
+            f"this model needs about {need / 2**30:.1f} GiB (weights and KV cache) but only "
+            f"{have / 2**30:.1f} GiB of {where} is available; use a smaller model or num_blocks, "
+            "another device or dtype, or pass check_memory=False to try anyway"
+        )
+
+
+def available_memory(device: str) -> Optional[int]:
+    """Bytes free for a model on `device`: MemAvailable of /proc/meminfo for the CPU, the
+    driver's free memory for CUDA where the build exposes it; None where unknown."""
+    if resolve_device(device) == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+    mem_get_info = getattr(_C, "cuda_mem_get_info", None)
+    return int(mem_get_info()[0]) if mem_get_info is not None else None
+
+
+class _LoadingBar:
+    """A tqdm bar in bytes, created on the first progress report: errors found while the
+    directory and headers are checked come before any bar."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self._desc = desc
+        self._enabled = enabled
+        self._bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self._desc,
+                             disable=not self._enabled)
+        self._bar.total = total
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 class Engine:
     """A loaded model: `config`, the C++ runner `model`, its `tokenizer`, and generation."""
 
@@ -74,6 +180,13 @@ class Engine:
         max_batch_size: Optional[int] = None,
         prefill_chunk: Optional[int] = None,
     ):
+        # A loaded model: the C++ runner, or an object with its interface (tests script one).
+        if not isinstance(model, _C.Model) and not all(hasattr(model, a) for a in ("config", "max_step_tokens")):
+            raise TypeError(
+                f"Engine() takes a loaded model (mistral_cuda._C.Model), not {type(model).__name__} "
+                f"{model!r:.80}; to load a model directory use mc.Engine.from_pretrained(path), "
+                "for random weights mc.Engine.from_config(config)"
+            )
         seqs, tokens = _limits(max_num_seqs, max_num_batched_tokens, max_batch_size, prefill_chunk)
         self._model = model
         self._tokenizer = tokenizer
@@ -107,6 +220,7 @@ class Engine:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         mmap: bool = True,
+        check_memory: bool = True,
         max_batch_size: Optional[int] = None,
         prefill_chunk: Optional[int] = None,
     ) -> "Engine":
@@ -126,23 +240,25 @@ class Engine:
         max_num_seqs: sequences the scheduler runs together (alias: max_batch_size);
         max_num_batched_tokens: tokens of one step, decode tokens first and prompt chunks in the
         rest (alias: prefill_chunk).
+        check_memory: refuse with InsufficientMemoryError, before loading anything, a model
+        whose weights and KV cache exceed the available RAM (CPU) or GPU memory.
+        Ctrl-C during the load stops it (KeyboardInterrupt).
         """
+        limits = _limits(max_num_seqs, max_num_batched_tokens, max_batch_size, prefill_chunk)
+        config = _C.ModelConfig.from_dir(os.fspath(model_dir))
+        dtype_name = _dtype_name(dtype)
+        if check_memory:
+            check_memory_fits(config, device, dtype_name, block_size, num_blocks, checkpoint_bytes(model_dir))
         if tokenizer is None:
             found = find_tokenizer_file(model_dir) if Path(model_dir).is_dir() else None
             tokenizer = Tokenizer.from_file(found) if found is not None else None
         elif not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_file(tokenizer)
         _prepare_device(device)
-        bar = tqdm(total=0, unit="B", unit_scale=True, desc="Loading weights", disable=not progress)
-
-        def report(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
+        bar = _LoadingBar("Loading weights", progress)
         try:
-            limits = _limits(max_num_seqs, max_num_batched_tokens, max_batch_size, prefill_chunk)
             options = _model_options(device, dtype, block_size, num_blocks, mmap, limits)
-            options.progress = report
+            options.progress = bar
             model = _C.Model.load(os.fspath(model_dir), options)
         finally:
             bar.close()
@@ -163,15 +279,30 @@ class Engine:
         block_size: int = 16,
         num_blocks: Optional[int] = None,
         tokenizer: Union[None, str, os.PathLike, Tokenizer] = None,
+        progress: bool = True,
+        check_memory: bool = True,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
     ) -> "Engine":
         """A model of `config` (e.g. ModelConfig.preset("mistral-7b-v0.1")) with random weights
         drawn from `seed` directly on the device: for benchmarks without a checkpoint. The same
-        seed gives the same weights on the CPU and on CUDA (up to the dtype's rounding)."""
+        seed gives the same weights on the CPU and on CUDA (up to the dtype's rounding).
+        progress and check_memory as in from_pretrained (the CPU reports drawing progress)."""
+        if not isinstance(config, _C.ModelConfig):
+            raise TypeError(f"config must be a mistral_cuda.ModelConfig, got {type(config).__name__}")
+        config.validate()
+        dtype_name = _dtype_name(dtype)
+        if check_memory:
+            check_memory_fits(config, device, dtype_name, block_size, num_blocks)
         _prepare_device(device)
         limits = _limits(max_num_seqs, max_num_batched_tokens, None, None)
-        model = _C.Model.from_config(config, seed, _model_options(device, dtype, block_size, num_blocks, True, limits))
+        bar = _LoadingBar("Drawing random weights", progress)
+        try:
+            options = _model_options(device, dtype, block_size, num_blocks, True, limits)
+            options.progress = bar
+            model = _C.Model.from_config(config, seed, options)
+        finally:
+            bar.close()
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_file(tokenizer)
         return cls(model, tokenizer, *limits)
@@ -378,11 +509,11 @@ class Stream:
         self.output = self._request.output()
 
     def close(self) -> None:
-        """Stops early and frees the sequence; `.output` then holds what was produced
-        (finish_reason "abort" unless it had finished)."""
+        """Stops early and frees the sequence; `.output` then holds what was produced, with
+        finish_reason "abort" unless the completion had already ended."""
         self._events.close()
         if self.output is None:
-            self._request._finish("abort")
+            self._request.abort()
             self.output = self._request.output()
 
 

@@ -153,6 +153,13 @@ class Request:
         if self.finish_reason is None:
             self._end(reason)
 
+    def abort(self) -> None:
+        """Ends a request stopped from outside: its text so far is final."""
+        if self.finish_reason is None:
+            if not self.started:
+                self.started = time.perf_counter()
+            self._finish("abort")
+
     def _end(self, reason: str) -> None:
         self.finish_reason = reason
         self.finished = time.perf_counter()
@@ -233,7 +240,7 @@ def run(scheduler: "_C.Scheduler", requests: List[Request]) -> Iterator[Request]
     finally:
         for core_id, request in by_core_id.items():
             scheduler.abort(core_id)
-            request._finish("abort")
+            request.abort()
 
 
 def check_prompt(prompt_ids: List[int], config, index: int) -> None:

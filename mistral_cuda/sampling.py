@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 MAX_LOGPROBS = 20
+MAX_SEED = 2**64 - 1  # seeds are 64-bit
 
 
 def _is_int(value) -> bool:
@@ -101,7 +102,7 @@ class SamplingParams:
                 for k, v in self.logit_bias.items()
             ):
                 raise bad("logit_bias", "None or a dict {token id >= 0: bias in [-100, 100]}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise bad("seed", "None or an int in [0, 2**64 - 1]")
         if isinstance(self.stop, str):
             stops = [self.stop]

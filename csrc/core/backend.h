@@ -47,8 +47,10 @@ class Backend {
   // become the activation dtype. Progress is reported in bytes.
   virtual ModelWeights place_weights(const ModelConfig& config, ModelWeights host, std::optional<DType> dtype,
                                      const ProgressFn& progress) = 0;
-  // A random model drawn from `seed` (core/random.h: the same numbers on every backend).
-  virtual ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype) = 0;
+  // A random model drawn from `seed` (core/random.h: the same numbers on every backend);
+  // progress in bytes.
+  virtual ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype,
+                                      const ProgressFn& progress) = 0;
 
   // ---- scratch the ops need for any step within `limits` ----
   virtual size_t attention_workspace_bytes(const ModelConfig& config, const StepLimits& limits, DType act) = 0;

@@ -250,11 +250,13 @@ void allocate_weights(const std::vector<WeightSlot>& slots, DType dtype) {
     if (!slot.target->defined()) *slot.target = Tensor::empty(dtype, slot.target_shape);
 }
 
-ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype) {
+ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype, const ProgressFn& progress) {
   config.validate();
   ModelWeights weights;
   std::vector<WeightSlot> slots = weight_slots(config, weights);
   allocate_weights(slots, dtype);
+  int64_t total_bytes = 0, done_bytes = 0;
+  for (const WeightSlot& slot : slots) total_bytes += numel_of(slot.shape) * static_cast<int64_t>(dtype_size(dtype));
   for (size_t slot = 0; slot < slots.size(); ++slot) {
     const Tensor& target = *slots[slot].target;
     const int64_t n = numel_of(slots[slot].shape);
@@ -266,6 +268,8 @@ ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtyp
       store_float(target.data, dtype, static_cast<size_t>(offset + i),
                   is_norm ? 1.0f : kRandomWeightStd * normal_sample(stream, i));
     }
+    done_bytes += n * static_cast<int64_t>(dtype_size(dtype));
+    if (progress) progress(done_bytes, total_bytes);
   }
   if (config.tie_embeddings) weights.output = weights.tok_embeddings;
   return weights;

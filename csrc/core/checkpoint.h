@@ -76,6 +76,7 @@ std::vector<WeightSlot> weight_slots(const ModelConfig& config, ModelWeights& we
 void allocate_weights(const std::vector<WeightSlot>& slots, DType dtype);
 
 // A random model in host memory as `dtype` (see core/random.h: the GPU draws the same numbers).
-ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype);
+// `progress` is called after each tensor, in bytes.
+ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype, const ProgressFn& progress = {});
 
 }  // namespace mc

@@ -37,6 +37,54 @@ class FieldReader {
   std::string source_;
 };
 
+// The Hugging Face model types this runner computes exactly. Llama is Mistral's architecture
+// without a sliding window (same weight names, RMSNorm, RoPE, GQA, SwiGLU) as long as it adds
+// no biases; its rope_scaling variants are refused with every other rope_scaling.
+struct ModelFamily {
+  const char* model_type;
+  const char* architecture;
+  bool default_window;  // an absent sliding_window means 4096 (Mistral), else full attention
+};
+constexpr ModelFamily kFamilies[] = {
+    {"mistral", "MistralForCausalLM", true},
+    {"mixtral", "MixtralForCausalLM", false},
+    {"llama", "LlamaForCausalLM", false},
+};
+constexpr const char* kFamilyList = "mistral, mixtral, llama (MistralForCausalLM, MixtralForCausalLM, LlamaForCausalLM)";
+
+// Checks model_type and architectures; a config naming neither is taken as Mistral.
+const ModelFamily& model_family(const FieldReader& fields, const std::string& source) {
+  const ModelFamily* family = nullptr;
+  if (const Json* type = fields.present("model_type")) {
+    const std::string& name = type->string(fields.what("model_type"));
+    for (const ModelFamily& f : kFamilies)
+      if (name == f.model_type) family = &f;
+    if (!family)
+      fail(ErrorKind::kCheckpoint, source, ": model_type '", name, "' is not supported (supported: ", kFamilyList,
+           ")");
+  }
+  if (const Json* architectures = fields.present("architectures")) {
+    for (const Json& entry : architectures->array(fields.what("architectures"))) {
+      const std::string& name = entry.string(fields.what("architectures"));
+      const ModelFamily* named = nullptr;
+      for (const ModelFamily& f : kFamilies)
+        if (name == f.architecture) named = &f;
+      if (!named)
+        fail(ErrorKind::kCheckpoint, source, ": architecture '", name, "' is not supported (supported: ",
+             kFamilyList, ")");
+      if (family && named != family)
+        fail(ErrorKind::kCheckpoint, source, ": architecture '", name, "' does not match model_type '",
+             family->model_type, "'");
+      family = named;
+    }
+  }
+  if (!family) family = &kFamilies[0];
+  for (const char* bias : {"attention_bias", "mlp_bias"})
+    if (const Json* flag = fields.present(bias); flag && flag->boolean(fields.what(bias)))
+      fail(ErrorKind::kCheckpoint, source, ": ", bias, " is not supported (Mistral-family layers have no biases)");
+  return *family;
+}
+
 }  // namespace
 
 void ModelConfig::validate() const {
@@ -96,6 +144,7 @@ ModelConfig ModelConfig::preset(const std::string& name) {
 
 ModelConfig ModelConfig::from_hf_json(const Json& json, const std::string& source) {
   FieldReader fields(json, source);
+  const ModelFamily& family = model_family(fields, source);  // first: another model's fields mislead
   ModelConfig config;
   config.dim = fields.required_int("hidden_size");
   config.n_layers = fields.required_int("num_hidden_layers");
@@ -119,12 +168,10 @@ ModelConfig ModelConfig::from_hf_json(const Json& json, const std::string& sourc
   if (const Json* act = fields.present("hidden_act"); act && act->string(fields.what("hidden_act")) != "silu")
     fail(ErrorKind::kCheckpoint, source, ": hidden_act '", act->string("hidden_act"), "' is not supported (silu only)");
 
-  // An absent key takes transformers' class default: Mistral 4096, Mixtral full attention.
-  const Json* model_type = fields.present("model_type");
-  bool mixtral = model_type && model_type->is_string() && model_type->string("model_type") == "mixtral";
+  // An absent key takes transformers' class default: Mistral 4096, Mixtral and Llama full attention.
   const Json* window = json.find("sliding_window");
   if (window == nullptr) {
-    if (!mixtral) config.sliding_window = 4096;
+    if (family.default_window) config.sliding_window = 4096;
   } else if (!window->is_null()) {
     config.sliding_window = window->integer(fields.what("sliding_window"));
   }

@@ -66,8 +66,9 @@ class CpuBackend : public Backend {
                              const ProgressFn&) override {
     return place(config, std::move(host), dtype);
   }
-  ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype) override {
-    return place(config, mc::random_weights(config, seed, dtype), std::nullopt);
+  ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype,
+                              const ProgressFn& progress) override {
+    return place(config, mc::random_weights(config, seed, dtype, progress), std::nullopt);
   }
 
   size_t attention_workspace_bytes(const ModelConfig&, const StepLimits&, DType) override { return 0; }

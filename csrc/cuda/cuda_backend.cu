@@ -98,7 +98,8 @@ class CudaBackend : public Backend {
   // ---- weights ----
   ModelWeights place_weights(const ModelConfig& config, ModelWeights host, std::optional<DType> dtype,
                              const ProgressFn& progress) override;
-  ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype) override;
+  ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype,
+                              const ProgressFn& progress) override;
 
   // ---- scratch ----
   size_t attention_workspace_bytes(const ModelConfig& config, const StepLimits& limits, DType act) override {
@@ -238,7 +239,8 @@ ModelWeights CudaBackend::place_weights(const ModelConfig& config, ModelWeights 
   return device;
 }
 
-ModelWeights CudaBackend::random_weights(const ModelConfig& config, uint64_t seed, DType dtype) {
+ModelWeights CudaBackend::random_weights(const ModelConfig& config, uint64_t seed, DType dtype,
+                                         const ProgressFn& progress) {
   NvtxRange range("random weights");
   require_half(dtype, "random_weights");
   config.validate();
@@ -249,12 +251,24 @@ ModelWeights CudaBackend::random_weights(const ModelConfig& config, uint64_t see
   for (const WeightSlot& slot : slots)
     if (!slot.target->defined()) *slot.target = device_tensor(dtype, slot.target_shape);
   const size_t elem = dtype_size(dtype);
+  int64_t total = 0, done = 0;
+  for (const WeightSlot& slot : slots) {
+    int64_t count = 1;
+    for (int64_t extent : slot.shape) count *= extent;
+    total += count * static_cast<int64_t>(elem);
+  }
   for (size_t i = 0; i < slots.size(); ++i) {
     const WeightSlot& slot = slots[i];
     int64_t count = 1;
     for (int64_t extent : slot.shape) count *= extent;
     void* dst = static_cast<uint8_t*>(slot.target->data) + static_cast<size_t>(slot.offset) * elem;
     fill_random_weights(dst, dtype, count, weight_stream(seed, i), slot.shape.size() == 1, stream_);
+    done += count * static_cast<int64_t>(elem);
+    if (progress) {
+      // The host learns of each tensor once it is drawn (and can cancel between tensors).
+      MC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      progress(done, total);
+    }
   }
   MC_CUDA_CHECK(cudaStreamSynchronize(stream_));
   if (config.tie_embeddings) device.output = device.tok_embeddings;

@@ -221,6 +221,13 @@ PYBIND11_MODULE(_C, m) {
       .def_static("from_config", &model_from_config, py::arg("config"), py::arg("seed") = 0,
                   py::arg("options") = mc::ModelOptions())
       .def_property_readonly("config", [](const mc::Model& m) { return FrozenModelConfig(m.config()); })
+      .def_static(
+          "default_num_blocks",
+          [](const mc::ModelConfig& config, int32_t block_size, const std::string& kv_dtype) {
+            return mc::Model::default_num_blocks(config, block_size, mc::parse_dtype(kv_dtype));
+          },
+          py::arg("config"), py::arg("block_size"), py::arg("kv_dtype"),
+          "The default KV pool size: four full-length sequences, capped near 8 GiB of K/V.")
       .def_property_readonly("device", &mc::Model::device)
       .def_property_readonly("dtype", [](const mc::Model& m) { return std::string(mc::dtype_name(m.dtype())); })
       .def_property_readonly("block_size", &mc::Model::block_size)

@@ -1,6 +1,7 @@
 #include "runtime/forward.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "core/error.h"
@@ -138,6 +139,7 @@ void ForwardPass::run(const StepBatch& batch, float* logits, const PassSampling*
   kv.plan_from_host(batch.cu_seqlens.data(), batch.start_pos.data());
   if (kv.n_decode != batch.n_decode) fail(ErrorKind::kInvalidRequest, "decode entries must come first in a pass");
 
+  const auto compute_start = std::chrono::steady_clock::now();
   auto* x = static_cast<float*>(ws_.residual.get());  // [T, D] f32 residual stream
   void* h = ws_.hidden.get();
 
@@ -262,6 +264,7 @@ void ForwardPass::run(const StepBatch& batch, float* logits, const PassSampling*
     }
   }
   lm_head(batch, reinterpret_cast<const int32_t*>(meta + rows_at), pending, logits, sampling, sampled);
+  compute_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - compute_start).count();
 }
 
 SampleParams ForwardPass::upload_sampling(const PassSampling& s) {

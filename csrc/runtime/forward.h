@@ -71,6 +71,9 @@ class ForwardPass {
   static constexpr int32_t kMaxLogprobs = 20;
 
   DType activation_dtype() const { return act_; }
+  // Seconds spent in the backend's ops (layers, LM head, sampler), summed over every run:
+  // what is not in here is host overhead (planning, metadata, bookkeeping).
+  double compute_seconds() const { return compute_seconds_; }
   const StepLimits& limits() const { return limits_; }
 
  private:
@@ -112,6 +115,7 @@ class ForwardPass {
   KvLayout layout_;
   StepLimits limits_;
   int32_t max_table_blocks_ = 0;  // block-table width of the longest possible sequence
+  double compute_seconds_ = 0.0;
   std::vector<std::shared_ptr<void>> k_pools_;  // per layer [num_blocks, block_size, KVH, Dh] act
   std::vector<std::shared_ptr<void>> v_pools_;
   Workspace ws_;

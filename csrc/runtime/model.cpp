@@ -142,7 +142,7 @@ std::unique_ptr<Model> Model::from_config(const ModelConfig& config, uint64_t se
   const std::string device = resolve_device(options.device);
   const DType dtype = device == "cpu" ? options.dtype.value_or(DType::kF32) : cuda_dtype(options.dtype);
   std::unique_ptr<Model> model = prepare(config, options, dtype);
-  model->start(model->backend_->random_weights(config, seed, dtype), options);
+  model->start(model->backend_->random_weights(config, seed, dtype, options.progress), options);
   return model;
 }
 

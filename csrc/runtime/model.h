@@ -60,6 +60,7 @@ class Model {
   int32_t block_size() const { return blocks_.layout().block_size; }
   int64_t num_blocks() const { return blocks_.num_blocks(); }
   const StepLimits& step_limits() const { return forward_->limits(); }
+  double compute_seconds() const { return forward_->compute_seconds(); }  // see ForwardPass
 
   // Thread-safe: calls from several threads are serialized.
   int32_t add_sequence();

@@ -50,7 +50,7 @@ struct SchedulerStats {
   int64_t steps = 0;
   int64_t preemptions = 0;
   double last_step_seconds = 0;      // the whole step() call
-  double last_forward_seconds = 0;   // inside the model's forward pass and sampler
+  double last_forward_seconds = 0;   // in the backend's ops (layers, LM head, sampler)
   int32_t last_batch_tokens = 0;
   int32_t last_batch_seqs = 0;
 };
