@@ -17,8 +17,13 @@ intermediate rounding to f16). llama-quantize's default recipe is kept, as a use
 for Q4_0 it stores output.weight (the lm_head) as Q6_K; `pure=True` makes every matrix the
 named type.
 
-Resident memory is the peak RSS of the llama-bench process (os.wait4 on the child: weights,
-which llama.cpp mmaps and so count once touched, plus KV cache and compute buffers).
+Resident memory: the peak RSS of the llama-bench process (os.wait4 on the child) and the RSS
+sampled from /proc while the timed tokens are generated, split into private and file-backed
+pages. Weights are loaded with `-lm none` by default (read into llama.cpp's own buffers)
+rather than llama.cpp's default mmap: on this CPU llama.cpp repacks Q4_0 matrices into an
+interleaved copy at load, and under mmap the original file pages stay mapped too, so the RSS
+of the 1B Q4_0 model reads 1130 MiB with mmap (535 private + 595 file) against 634 MiB with
+`-lm none`, while the decode path is the same.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ def available() -> tuple[bool, str]:
         return False, (
             f"llama.cpp is not set up in {llama_cpp_home()} (missing: {', '.join(missing)}); "
             "run `bash benches/setup_llama_cpp.sh` (downloads the llama-cpp-python sdist from PyPI, "
-            "builds llama-bench and llama-quantize: ~15 min on 2 cores)"
+            "builds llama-bench and llama-quantize: ~12 min on 2 cores)"
         )
     return True, ""
 
@@ -167,12 +172,40 @@ def gguf_for(checkpoint_dir: Path, weight_type: str, cache_dir: Optional[Path] =
     return out
 
 
-def _run_measured(cmd: list, what: str) -> tuple[str, int]:
-    """Run cmd to completion; (its stdout, the child's peak RSS in bytes). os.wait4 gives the
-    rusage of exactly this child (getrusage(RUSAGE_CHILDREN) would be a max over all of them)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+def _rss_now(pid: int) -> Optional[dict]:
+    """VmRSS / RssAnon / RssFile of a live process in bytes (None once it is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile") and value.strip().endswith("kB"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields if len(fields) == 3 else None
+
+
+GENERATION_MARK = "generation run 1/"  # llama-bench --progress, on stderr, as timed decoding starts
+
+
+def _run_measured(cmd: list, what: str, poll_s: float = 0.05) -> tuple[str, int, Optional[dict]]:
+    """Run llama-bench cmd (with --progress) to completion. Returns (stdout, the child's peak
+    RSS in bytes, the largest /proc RSS sample taken while its timed generation runs, or None
+    if they were too short to sample). os.wait4 gives the rusage of exactly this child."""
+    decode_rss = None
+    with tempfile.TemporaryFile("w+") as out, tempfile.NamedTemporaryFile("w+") as err:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
+        decoding = False
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            decoding = decoding or GENERATION_MARK in Path(err.name).read_text(errors="replace")
+            sample = _rss_now(proc.pid) if decoding else None
+            if sample and (decode_rss is None or sample["VmRSS"] > decode_rss["VmRSS"]):
+                decode_rss = sample
+            time.sleep(poll_s)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
@@ -180,22 +213,34 @@ def _run_measured(cmd: list, what: str) -> tuple[str, int]:
     if proc.returncode != 0:
         tail = "\n".join((stdout + stderr).strip().splitlines()[-25:])
         raise LlamaCppError(f"{what} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n{tail}")
-    return stdout, usage.ru_maxrss * 1024  # Linux reports KiB
+    return stdout, usage.ru_maxrss * 1024, decode_rss  # ru_maxrss is in KiB on Linux
 
 
-def decode_benchmark(gguf_path: Path, n_tokens: int = 32, threads: int = 2, repetitions: int = 3, depth: int = 0) -> dict:
+LOAD_MODES = ("mmap", "none")
+
+
+def decode_benchmark(
+    gguf_path: Path, n_tokens: int = 32, threads: int = 2, repetitions: int = 3, depth: int = 0, load_mode: str = "none"
+) -> dict:
     """Batch-1 decode speed of llama.cpp: `llama-bench -p 0 -n n_tokens -t threads -r
-    repetitions [-d depth]` (one warmup token, then each repetition generates n_tokens one at a
-    time after `depth` tokens of context). Returns plain numbers:
+    repetitions -d depth -lm load_mode` (one warmup token, then each repetition generates
+    n_tokens one at a time after `depth` tokens of context). load_mode "none" reads weights
+    into llama.cpp's own buffers (RSS = what it needs); "mmap", llama.cpp's default, maps the
+    file (RSS then also counts file pages kept mapped beside repacked copies; see above).
+    Returns plain numbers:
 
-      tok_s           mean tokens/s over the repetitions (llama-bench's avg_ts)
-      tok_s_stddev    its standard deviation
-      samples_tok_s   tokens/s of each repetition
-      ms_per_token    1000 / tok_s
-      peak_rss_bytes  peak resident memory of the llama-bench process
-      file_bytes      size of the GGUF file
-      model_type      llama.cpp's description, e.g. "llama ?B Q4_0"
-      n_params, threads, n_tokens, depth, build
+      tok_s                 mean tokens/s over the repetitions (llama-bench's avg_ts)
+      tok_s_stddev          its standard deviation
+      samples_tok_s         tokens/s of each repetition
+      ms_per_token          1000 / tok_s
+      peak_rss_bytes        peak resident memory of the llama-bench process (load included)
+      decode_rss_bytes      resident memory while the timed tokens are generated (largest
+                            /proc sample; None if the runs were too short to sample), and its
+      decode_rss_anon_bytes   private part (buffers, KV cache, repacked weights) and
+      decode_rss_file_bytes   file-backed part (mmapped GGUF pages)
+      file_bytes            size of the GGUF file
+      model_type            llama.cpp's description, e.g. "llama ?B Q4_0"
+      n_params, threads, n_tokens, depth, load_mode, build
     """
     paths = _require()
     gguf_path = Path(gguf_path)
@@ -203,25 +248,32 @@ def decode_benchmark(gguf_path: Path, n_tokens: int = 32, threads: int = 2, repe
         raise FileNotFoundError(f"no GGUF at {gguf_path}")
     if n_tokens < 1 or threads < 1 or repetitions < 1 or depth < 0:
         raise ValueError("n_tokens, threads and repetitions must be >= 1 and depth >= 0")
+    if load_mode not in LOAD_MODES:
+        raise ValueError(f"load_mode must be one of {LOAD_MODES}, got {load_mode!r}")
     cmd = [paths["llama-bench"], "-m", gguf_path, "-p", 0, "-n", n_tokens, "-t", threads,
-           "-r", repetitions, "-d", depth, "-o", "json"]
-    stdout, peak_rss = _run_measured(cmd, "llama-bench")
+           "-r", repetitions, "-d", depth, "-lm", load_mode, "-o", "json", "--progress"]
+    stdout, peak_rss, decode_rss = _run_measured(cmd, "llama-bench")
     try:
         (result,) = json.loads(stdout)
     except ValueError as e:
         raise LlamaCppError(f"llama-bench printed no single JSON result: {stdout[-2000:]!r}") from e
+    decode_rss = decode_rss or {}
     return {
         "tok_s": float(result["avg_ts"]),
         "tok_s_stddev": float(result["stddev_ts"]),
         "samples_tok_s": [float(x) for x in result["samples_ts"]],
         "ms_per_token": 1e3 / float(result["avg_ts"]),
         "peak_rss_bytes": peak_rss,
+        "decode_rss_bytes": decode_rss.get("VmRSS"),
+        "decode_rss_anon_bytes": decode_rss.get("RssAnon"),
+        "decode_rss_file_bytes": decode_rss.get("RssFile"),
         "file_bytes": gguf_path.stat().st_size,
         "model_type": result.get("model_type", ""),
         "n_params": int(result.get("model_n_params", 0)),
         "threads": int(result.get("n_threads", threads)),
         "n_tokens": n_tokens,
         "depth": depth,
+        "load_mode": load_mode,
         "build": f"{result.get('build_commit', '?')} ({result.get('build_number', '?')})",
     }
 
@@ -236,20 +288,27 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repetitions", type=int, default=3)
     p.add_argument("--depth", type=int, default=0, help="tokens of context before the timed decode")
+    p.add_argument("--load-mode", choices=LOAD_MODES, default="none", help="weight loading: none (default; read into its own buffers) or mmap (llama.cpp's default)")
     args = p.parse_args()
     ok, why = available()
     if not ok:
         sys.exit(f"error: {why}")
     print(version())
-    print(f"{'type':6} {'file MiB':>9} {'tok/s':>8} {'ms/tok':>8} {'peak RSS MiB':>13}  (threads {args.threads}, {args.tokens} tokens)")
+    print(f"threads {args.threads}, {args.tokens} tokens after {args.depth} of context, load mode {args.load_mode}")
+    print(f"{'type':6} {'file MiB':>9} {'tok/s':>8} {'ms/tok':>8} {'peak RSS':>9} {'decode RSS':>11} {'(anon':>7} {'file)':>7}  MiB")
+
+    def mib(n):
+        return "-" if n is None else f"{n / 2**20:.0f}"
+
     for weight_type in args.types:
         t0 = time.perf_counter()
         gguf = gguf_for(args.checkpoint, weight_type)
         made = time.perf_counter() - t0
-        r = decode_benchmark(gguf, args.tokens, args.threads, args.repetitions, args.depth)
+        r = decode_benchmark(gguf, args.tokens, args.threads, args.repetitions, args.depth, args.load_mode)
         print(
             f"{weight_type:6} {r['file_bytes'] / 2**20:9.1f} {r['tok_s']:8.2f} {r['ms_per_token']:8.1f} "
-            f"{r['peak_rss_bytes'] / 2**20:13.1f}  ({r['model_type']}; GGUF ready in {made:.0f} s)",
+            f"{mib(r['peak_rss_bytes']):>9} {mib(r['decode_rss_bytes']):>11} {mib(r['decode_rss_anon_bytes']):>7} "
+            f"{mib(r['decode_rss_file_bytes']):>7}  ({r['model_type']}, +-{r['tok_s_stddev']:.2f} tok/s; GGUF ready in {made:.0f} s)",
             flush=True,
         )
 

@@ -5,10 +5,12 @@ so that mistral_cuda, transformers and llama.cpp's converter all load the same f
     import models  # with benches/ on sys.path, as the benches do
     path = models.random_mistral_checkpoint(models.SHAPE_1B, dtype="bfloat16")  # ~1.07B params, 2.1 GB
 
-Weights are N(0, 0.02) like transformers' init, norms are ones. For one seed the bfloat16
-checkpoint holds the float32 one's values rounded to bfloat16 (each tensor is drawn in float32
-and converted), so f32 and bf16 runs compare the same model. Only one tensor at a time is ever
-held in float32, so the bf16 1B model needs ~2.2 GB of memory to write, not 4.3 GB.
+Weights are N(0, 0.02) like transformers' init, norms are ones. Every value is drawn in
+float32 and rounded to bfloat16 before it is stored in the checkpoint's dtype, so for one seed
+the float32 and bfloat16 checkpoints hold exactly the same model (and float16 the same but for
+a few values below float16's normal range): f32 and bf16 runs compare equal weights, and the
+f32 GGUF converted from either is the same file. Only one tensor at a time is ever held in
+float32, so the bf16 1B model needs ~2.2 GB of memory to write, not 4.3 GB.
 
 Checkpoints are cached under `default_cache_dir()/bench` (~/.cache/mistral_cuda/bench, or
 $MISTRAL_CUDA_CACHE/bench), outside the repository; a checkpoint is written to a temporary
@@ -53,14 +55,14 @@ def checkpoint_name(shape: dict, dtype: str, seed: int) -> str:
 
 
 def _random_weights(shape: dict, dtype: torch.dtype, seed: int) -> dict:
-    """HF tensor names, in HF's order; each matrix drawn in float32 then converted."""
+    """HF tensor names, in HF's order; each matrix drawn in float32, rounded to bfloat16."""
     g = torch.Generator().manual_seed(seed)
     dim, hidden, vocab = shape["dim"], shape["hidden_dim"], shape["vocab_size"]
     head_dim = dim // shape["n_heads"]
     q_dim, kv_dim = shape["n_heads"] * head_dim, shape["n_kv_heads"] * head_dim
 
     def matrix(rows: int, cols: int) -> torch.Tensor:
-        return (torch.randn(rows, cols, generator=g) * 0.02).to(dtype)
+        return (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16).to(dtype)
 
     def ones() -> torch.Tensor:
         return torch.ones(dim, dtype=dtype)
