@@ -132,6 +132,7 @@ def quantize_gguf(src_gguf: Path, qtype: str, out_path: Path, threads: int = 2, 
     src_gguf, out_path = Path(src_gguf), Path(out_path)
     if not src_gguf.is_file():
         raise FileNotFoundError(f"no GGUF at {src_gguf}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(out_path.name + ".partial")
     cmd = [paths["llama-quantize"], *(["--pure"] if pure else []), src_gguf, partial, QUANT_TYPES[qtype], threads]
     try:
@@ -156,6 +157,8 @@ def gguf_for(checkpoint_dir: Path, weight_type: str, cache_dir: Optional[Path] =
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {WEIGHT_TYPES}, got {weight_type!r}")
     checkpoint_dir = Path(checkpoint_dir).resolve()
+    if not (checkpoint_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint_dir} has no config.json: not a Hugging Face checkpoint")
     cache_dir = Path(cache_dir) if cache_dir is not None else checkpoint_dir.with_name(checkpoint_dir.name + ".gguf")
     suffix = "-pure" if pure and weight_type in QUANT_TYPES else ""
     out = cache_dir / f"model-{weight_type}{suffix}.gguf"
@@ -163,7 +166,6 @@ def gguf_for(checkpoint_dir: Path, weight_type: str, cache_dir: Optional[Path] =
     stamp = _source_stamp(checkpoint_dir)
     if out.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return out
-    cache_dir.mkdir(parents=True, exist_ok=True)
     if weight_type in CONVERTER_TYPES:
         convert_to_gguf(checkpoint_dir, weight_type, out)
     else:
@@ -197,15 +199,20 @@ def _run_measured(cmd: list, what: str, poll_s: float = 0.05) -> tuple[str, int,
     with tempfile.TemporaryFile("w+") as out, tempfile.NamedTemporaryFile("w+") as err:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, text=True)
         decoding = False
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            decoding = decoding or GENERATION_MARK in Path(err.name).read_text(errors="replace")
-            sample = _rss_now(proc.pid) if decoding else None
-            if sample and (decode_rss is None or sample["VmRSS"] > decode_rss["VmRSS"]):
-                decode_rss = sample
-            time.sleep(poll_s)
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                decoding = decoding or GENERATION_MARK in Path(err.name).read_text(errors="replace")
+                sample = _rss_now(proc.pid) if decoding else None
+                if sample and (decode_rss is None or sample["VmRSS"] > decode_rss["VmRSS"]):
+                    decode_rss = sample
+                time.sleep(poll_s)
+        except BaseException:  # Ctrl-C or an error here: never leave llama-bench running
+            proc.kill()
+            os.waitpid(proc.pid, 0)
+            raise
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
