@@ -16,7 +16,7 @@ Checkpoints are cached under `default_cache_dir()/bench` (~/.cache/mistral_cuda/
 $MISTRAL_CUDA_CACHE/bench), outside the repository; a checkpoint is written to a temporary
 directory and renamed into place, so an interrupted write leaves nothing half-done behind.
 
-`python benches/models.py [--dtype bfloat16|float32] [--shape 1b|demo]` writes one and prints its path.
+`python benches/models.py [--dtype bfloat16|float32|float16] [--shape 1b|57m|demo]` writes one and prints its path.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from mistral_cuda.demo import DEMO_SHAPE, _hf_config, default_cache_dir, v1_toke
 # ~1.07B parameters: TinyLlama-like width (dim 2048, head_dim 128, GQA 2:1), 20 layers.
 # 20 x 47.2M per layer + 2 x 65.5M embedding/lm_head = 1,075M.
 SHAPE_1B = dict(dim=2048, n_layers=20, n_heads=16, n_kv_heads=8, hidden_dim=5632, vocab_size=32000, sliding_window=4096)
-SHAPES = {"1b": SHAPE_1B, "demo": DEMO_SHAPE}
+# bench_cpu.py's ~57M model (hidden 512, 8 layers, 8/2 heads, head_dim 64, intermediate 1536).
+SHAPE_57M = dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, hidden_dim=1536, vocab_size=32000, sliding_window=4096)
+SHAPES = {"1b": SHAPE_1B, "57m": SHAPE_57M, "demo": DEMO_SHAPE}
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
