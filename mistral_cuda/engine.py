@@ -410,13 +410,13 @@ class Engine:
             raise _C.InvalidRequestError("chat takes n=1 (use LLM.chat or generate_requests for n > 1)")
         return group[0]
 
-    def _run(self, requests: List[Request]) -> Iterator[Request]:
-        return generation.run(self.scheduler, requests)
+    def _run(self, groups: List[List[Request]]) -> Iterator[Request]:
+        return generation.run(self.scheduler, groups)
 
     def generate_requests(self, prompts, params=None, guard=None) -> List[List[CompletionOutput]]:
         """Completes every prompt (batched together): the n CompletionOutputs of each prompt."""
         groups = self._plain_requests(prompts, params, guard)
-        for _ in self._run([r for group in groups for r in group]):
+        for _ in self._run(groups):
             pass
         return [[r.output() for r in group] for group in groups]
 
@@ -437,7 +437,7 @@ class Engine:
         if len(groups) != 1 or len(groups[0]) != 1:
             raise _C.InvalidRequestError("stream() takes one prompt and n=1")
         requests = groups[0]
-        return Stream(self._run(requests), requests[0])
+        return Stream(self._run([requests]), requests[0])
 
     def chat(
         self,
@@ -456,7 +456,7 @@ class Engine:
         raises ContentFilteredError, a blocked output ends with finish_reason "content_filter".
         """
         request = self._chat_request(messages, params, safe_prompt, tools, guard)
-        for _ in self._run([request]):
+        for _ in self._run([[request]]):
             pass
         return tool_calls.apply_tool_calls(request.output(), self._tokenizer)
 
@@ -470,7 +470,7 @@ class Engine:
     ) -> "ChatStream":
         """chat(), streamed: text deltas, or the tool calls once the completion is complete."""
         request = self._chat_request(messages, params, safe_prompt, tools, guard)
-        return ChatStream(self._run([request]), request, self._tokenizer)
+        return ChatStream(self._run([[request]]), request, self._tokenizer)
 
     def logits(self, token_ids: Sequence[int], chunk_size: Optional[int] = None) -> torch.Tensor:
         """float32 logits [len(token_ids), vocab_size] of every position, computed through the

@@ -211,16 +211,21 @@ def new_seed() -> int:
     return secrets.randbits(63)
 
 
-def run(scheduler: "_C.Scheduler", requests: List[Request]) -> Iterator[Request]:
-    """Advances the requests to completion on the scheduler; yields a request whenever it has a
-    new token or ends. Requests still unfinished when the caller stops early, or when anything
-    raises (Ctrl-C included), are aborted in the core, which frees their blocks."""
+def run(scheduler: "_C.Scheduler", groups: List[List[Request]]) -> Iterator[Request]:
+    """Advances the requests to completion on the scheduler (each group: the n samples of one
+    prompt, sharing its prefill); yields a request whenever it has a new token or ends.
+    Requests still unfinished when the caller stops early, or when anything raises (Ctrl-C
+    included), are aborted in the core, which frees their blocks."""
     by_core_id: Dict[int, Request] = {}
     try:
-        for request in requests:
-            request.started = time.perf_counter()
-            request.core_id = scheduler.add(request.prompt_ids, request.core_params())
-            by_core_id[request.core_id] = request
+        for group in groups:
+            for request in group:
+                request.started = time.perf_counter()
+            params = [request.core_params() for request in group]
+            core_ids = scheduler.add_group(group[0].prompt_ids, params)
+            for request, core_id in zip(group, core_ids):
+                request.core_id = core_id
+                by_core_id[core_id] = request
         while by_core_id:
             updates = scheduler.step()
             if not updates and scheduler.stats["last_batch_tokens"] == 0:

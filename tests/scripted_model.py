@@ -55,6 +55,9 @@ class ScriptedScheduler:
         self.requests[rid] = SimpleNamespace(prompt=list(prompt), params=params, output=[])
         return rid
 
+    def add_group(self, prompt, params) -> list:
+        return [self.add(prompt, p) for p in params]
+
     def abort(self, rid: int) -> bool:
         return self.requests.pop(rid, None) is not None
 

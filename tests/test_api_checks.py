@@ -220,10 +220,17 @@ def test_memory_check_with_little_memory_and_its_opt_out(monkeypatch, mistral_sw
 # --------------------------------------------------------------------------------------
 
 
+def _options(progress) -> "_C.ModelOptions":
+    options = _C.ModelOptions()
+    options.device = "cpu"
+    options.progress = progress
+    return options
+
+
 def test_from_config_reports_progress_in_bytes():
     config = _tiny_config()
     calls = []
-    _C.Model.from_config(config, device="cpu", progress=lambda done, total: calls.append((done, total)))
+    _C.Model.from_config(config, 0, _options(lambda done, total: calls.append((done, total))))
     total = _hf_parameter_count(config) * 4
     assert calls and all(t == total for _, t in calls)
     done = [d for d, _ in calls]
@@ -241,9 +248,9 @@ def test_keyboard_interrupt_in_progress_stops_the_load(how, mistral_sw):
 
     with pytest.raises(KeyboardInterrupt):
         if how == "from_config":
-            _C.Model.from_config(_tiny_config(), device="cpu", progress=progress)
+            _C.Model.from_config(_tiny_config(), 0, _options(progress))
         else:
-            _C.Model.load(str(mistral_sw.path), device="cpu", progress=progress)
+            _C.Model.load(str(mistral_sw.path), _options(progress))
     assert len(calls) == 3, "the load went on after the interrupt"
     # The process is fine afterwards.
     ids = mistral_sw.random_ids(5, seed=4)

@@ -216,12 +216,32 @@ def test_seeded_tokens_do_not_depend_on_batch_companions(v1):
     assert alone.token_ids == together.token_ids
 
 
+def test_n_samples_share_the_prefill(v1):
+    """n samples of a long prompt: its prefill runs once (the others fork its cached K/V), and
+    each sample equals the same sample run with no sharing (a pool too small to fork)."""
+    prompt = [cm.BOS_ID] + list(range(400, 440))
+    params = mc.SamplingParams(n=3, max_tokens=6, seed=5, ignore_eos=True)
+    engine = cm.load_engine(v1, num_blocks=64)
+    outs = engine.generate([prompt], params)[0]
+    assert [o.index for o in outs] == [0, 1, 2] and len({tuple(o.token_ids) for o in outs}) > 1
+    sched = engine.scheduler.stats
+    assert engine.model.free_blocks() == 64
+    again = engine.generate([prompt], params)[0]
+    assert [o.token_ids for o in outs] == [o.token_ids for o in again]
+    alone = [cm.load_engine(v1, num_blocks=64).generate([prompt], mc.SamplingParams(
+        max_tokens=6, seed=5, ignore_eos=True))[0].token_ids]
+    assert outs[0].token_ids == alone[0], "sample 0 is the request run alone"
+    # Prefilled tokens: one prefill (40 tokens) + 3 last-prompt-token steps, not 3 x 41.
+    tokens = []
+    engine2 = cm.load_engine(v1, num_blocks=64)
+    for _ in engine2._run(engine2._requests([prompt], params)):
+        tokens.append(engine2.scheduler.stats["last_batch_tokens"])
+    assert sum(tokens) < 2 * len(prompt) + 3 * 6, f"batch tokens per step {tokens}"
+    del sched
+
+
 def test_n_samples_min_tokens_and_stop_reason(v1):
     engine = cm.load_engine(v1)
-    outs = engine.generate([[cm.BOS_ID, 800, 801]], mc.SamplingParams(n=3, max_tokens=6, seed=5, ignore_eos=True))[0]
-    assert [o.index for o in outs] == [0, 1, 2] and len({tuple(o.token_ids) for o in outs}) > 1
-    again = engine.generate([[cm.BOS_ID, 800, 801]], mc.SamplingParams(n=3, max_tokens=6, seed=5, ignore_eos=True))[0]
-    assert [o.token_ids for o in outs] == [o.token_ids for o in again]
     greedy = engine.generate([[cm.BOS_ID, 800]], mc.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
     stop_id = greedy.token_ids[2]
     first = greedy.token_ids.index(stop_id)

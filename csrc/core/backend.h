@@ -65,6 +65,7 @@ class Backend {
   // Paged attention over the whole step: decode entries and prefill entries each take their kernel.
   virtual void attention(const AttentionParams& p) = 0;
   virtual void kv_append(const KvAppendParams& p) = 0;
+  virtual void copy_blocks(const CopyBlocksParams& p) = 0;
   virtual void silu_mul(const SiluMulParams& p) = 0;
   // Mixtral's MoE FFN: routing (as moe_route) and the experts, added into the residual.
   virtual void moe(const MoeParams& p) = 0;

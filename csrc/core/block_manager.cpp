@@ -22,6 +22,21 @@ int32_t BlockManager::add_sequence() {
   return id;
 }
 
+int32_t BlockManager::fork_sequence(int32_t src, std::vector<std::pair<int32_t, int32_t>>* copies) {
+  if (free_blocks() < blocks_in_use(src))
+    fail(ErrorKind::kCacheFull, "KV cache is full: forking sequence ", src, " needs ", blocks_in_use(src), " blocks");
+  Sequence copy = get(src);
+  for (int32_t& block : copy.table) {
+    if (block < 0) continue;
+    copies->emplace_back(block, free_.back());
+    block = free_.back();
+    free_.pop_back();
+  }
+  const int32_t id = next_id_++;
+  sequences_.emplace(id, std::move(copy));
+  return id;
+}
+
 void BlockManager::require_sequence(int32_t seq) const {
   if (!has_sequence(seq)) fail(ErrorKind::kInvalidRequest, "unknown sequence id ", seq);
 }

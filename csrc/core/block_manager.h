@@ -19,6 +19,10 @@ class BlockManager {
   int64_t free_blocks() const { return static_cast<int64_t>(free_.size()); }
 
   int32_t add_sequence();
+  // A new sequence with `src`'s length and a table of fresh blocks in the same slots (the
+  // caller copies the contents); fills `copies` with (src block, new block) pairs. The caller
+  // has checked free_blocks() >= blocks_in_use(src).
+  int32_t fork_sequence(int32_t src, std::vector<std::pair<int32_t, int32_t>>* copies);
   void free_sequence(int32_t seq);  // throws kInvalidRequest for an unknown id
   bool has_sequence(int32_t seq) const { return sequences_.count(seq) != 0; }
   void require_sequence(int32_t seq) const;

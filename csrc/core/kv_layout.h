@@ -72,9 +72,13 @@ MC_HD inline KvRow kv_row(const KvLayout& layout, const int32_t* table, int64_t 
   return {false, layout.pool_row(table, pos)};
 }
 
-// GQA: query head h reads key/value head h / (n_heads / n_kv_heads).
+// GQA: the G = n_heads / n_kv_heads query heads of kv head k are k * G .. k * G + G - 1 (query
+// head h reads kv head h / G). Worked example, Mistral-7B: 32 / 8 -> G = 4; kv head 2 serves
+// query heads 8..11. Kernels that load each K/V row once serve the whole group from it.
+MC_HD inline int32_t query_group_size(int32_t n_heads, int32_t n_kv_heads) { return n_heads / n_kv_heads; }
+MC_HD inline int32_t query_head(int32_t kv_head, int32_t g, int32_t group) { return kv_head * group + g; }
 MC_HD inline int32_t kv_head_of(int32_t q_head, int32_t n_heads, int32_t n_kv_heads) {
-  return q_head / (n_heads / n_kv_heads);
+  return q_head / query_group_size(n_heads, n_kv_heads);
 }
 
 }  // namespace mc

@@ -244,6 +244,16 @@ struct MoeParams {
   void* workspace = nullptr; // backend scratch of Backend::moe_workspace_bytes(bounds)
 };
 
+// Copies whole KV blocks within one layer's pools: block dst[i] takes block src[i]'s K and V.
+struct CopyBlocksParams {
+  void* k_pool = nullptr;              // [num_blocks, block_size, KVH, Dh] act
+  void* v_pool = nullptr;
+  const int32_t* src = nullptr;        // [n] host memory
+  const int32_t* dst = nullptr;        // [n] host memory
+  int32_t n = 0;
+  size_t block_bytes = 0;              // block_size * KVH * Dh * element size
+};
+
 // ---- sampling ----
 
 // The controls of one row of logits (vLLM's sampling parameters that act on logits), applied in

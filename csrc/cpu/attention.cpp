@@ -20,7 +20,7 @@ float dot(const float* a, const float* b, int32_t n) {
 void paged_attention(const AttentionParamsT<float>& p) {
   const PagedKvView& kv = p.kv;
   const int32_t total_tokens = kv.cu_seqlens[kv.n_entries];
-  const int32_t group = p.n_heads / p.n_kv_heads;
+  const int32_t group = query_group_size(p.n_heads, p.n_kv_heads);
   const int32_t dh = p.head_dim;
   const int64_t kv_stride = static_cast<int64_t>(p.n_kv_heads) * dh;  // one token's K row
 
@@ -57,7 +57,7 @@ void paged_attention(const AttentionParamsT<float>& p) {
       };
 
       scores.assign(static_cast<size_t>(group) * n_keys, 0.0f);
-      const float* q_base = p.q + (static_cast<int64_t>(token) * p.n_heads + kv_head * group) * dh;
+      const float* q_base = p.q + (static_cast<int64_t>(token) * p.n_heads + query_head(kv_head, 0, group)) * dh;
       for (int64_t j = 0; j < n_keys; ++j) {
         const float* k = row_of(p.k_new, p.k_pool, first + j);
         for (int32_t g = 0; g < group; ++g) scores[g * n_keys + j] = dot(q_base + g * dh, k, dh) * p.scale;
@@ -72,7 +72,7 @@ void paged_attention(const AttentionParamsT<float>& p) {
         }
         for (int64_t j = 0; j < n_keys; ++j) s[j] /= sum;
       }
-      float* out_base = p.out + (static_cast<int64_t>(token) * p.n_heads + kv_head * group) * dh;
+      float* out_base = p.out + (static_cast<int64_t>(token) * p.n_heads + query_head(kv_head, 0, group)) * dh;
       std::fill(out_base, out_base + static_cast<int64_t>(group) * dh, 0.0f);
       for (int64_t j = 0; j < n_keys; ++j) {
         const float* v = row_of(p.v_new, p.v_pool, first + j);

@@ -101,6 +101,12 @@ class CpuBackend : public Backend {
     require_f32(p.dtype, "kv_append");
     cpu::kv_append(typed<float>(p.tensors));
   }
+  void copy_blocks(const CopyBlocksParams& p) override {
+    for (int32_t i = 0; i < p.n; ++i)
+      for (void* pool : {p.k_pool, p.v_pool})
+        std::memcpy(static_cast<uint8_t*>(pool) + p.dst[i] * p.block_bytes,
+                    static_cast<const uint8_t*>(pool) + p.src[i] * p.block_bytes, p.block_bytes);
+  }
   void silu_mul(const SiluMulParams& p) override {
     require_f32(p.dtype, "silu_mul");
     cpu::silu_mul(p);

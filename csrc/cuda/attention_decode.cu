@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads)
   // q of the group's heads [G, 8 dims of this lane], pre-scaled into the exp2 domain.
   const float q_scale = p.scale * kLog2e;
   float q[kGroup][8];
-  const T* q_base = p.q + (static_cast<int64_t>(token) * p.n_heads + kv_head * kGroup) * kHeadDim + d0;
+  const T* q_base = p.q + (static_cast<int64_t>(token) * p.n_heads + query_head(kv_head, 0, kGroup)) * kHeadDim + d0;
 #pragma unroll
   for (int g = 0; g < kGroup; ++g) {
     unpack8<T>(*reinterpret_cast<const uint4*>(q_base + g * kHeadDim), q[g]);
@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kThreads)
       l_all += red_l[w][g] * a;
       o += red_acc[w][g][d] * a;
     }
-    const int64_t head_row = static_cast<int64_t>(token) * p.n_heads + kv_head * kGroup + g;  // [T, H] row
+    const int64_t head_row = static_cast<int64_t>(token) * p.n_heads + query_head(kv_head, g, kGroup);  // [T, H] row
     if (n_splits == 1) {
       p.out[head_row * kHeadDim + d] = from_float<T>(o / l_all);  // l_all > 0: the query sees itself
     } else {
@@ -252,7 +252,7 @@ void launch(const AttentionParams& p, const DecodeWorkspace& ws, cudaStream_t st
 
 template <typename T, int kHeadDim>
 void launch_for_group(const AttentionParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
-  switch (p.tensors.n_heads / p.tensors.n_kv_heads) {
+  switch (query_group_size(p.tensors.n_heads, p.tensors.n_kv_heads)) {
     case 1: return launch<T, kHeadDim, 1>(p, ws, stream);
     case 2: return launch<T, kHeadDim, 2>(p, ws, stream);
     case 3: return launch<T, kHeadDim, 3>(p, ws, stream);

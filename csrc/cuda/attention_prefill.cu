@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads)
   T* prob_s = reinterpret_cast<T*>(smem + Smem::kProbOffset);
   float* alpha_s = reinterpret_cast<float*>(smem + Smem::kAlphaOffset);
 
-  const int32_t group = p.n_heads / p.n_kv_heads;
+  const int32_t group = query_group_size(p.n_heads, p.n_kv_heads);
   const int32_t tokens_per_tile = kBlockM / group;
   const int32_t entry = blockIdx.x / n_q_tiles;
   // Later tiles of a chunk see more keys: schedule them first.
@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int c = threadIdx.x; c < kBlockM * kChunksPerRow; c += kThreads) {
     const int r = c / kChunksPerRow;
     const int col = (c % kChunksPerRow) * 8;
-    const int64_t head_row = static_cast<int64_t>(token0 + row_token(r)) * p.n_heads + kv_head * group + r % group;
+    const int64_t head_row = static_cast<int64_t>(token0 + row_token(r)) * p.n_heads + query_head(kv_head, r % group, group);
     *reinterpret_cast<uint4*>(q_s + r * Smem::kLdQ + col) =
         *reinterpret_cast<const uint4*>(p.q + head_row * kHeadDim + col);
   }
@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(kThreads)
   const int row = warp * 16 + r;
   if (i0 + row / group <= i_last) {  // a real row (not padding)
     const float inv_l = 1.0f / l;    // l > 0: every query sees its own key
-    const int64_t head_row = static_cast<int64_t>(token0 + i0 + row / group) * p.n_heads + kv_head * group + row % group;
+    const int64_t head_row = static_cast<int64_t>(token0 + i0 + row / group) * p.n_heads + query_head(kv_head, row % group, group);
     T* dst = p.out + head_row * kHeadDim + h * (kHeadDim / 2);
     const float* src = o_w + r * Smem::kLdO + h * (kHeadDim / 2);
 #pragma unroll

@@ -162,6 +162,14 @@ class CudaBackend : public Backend {
     use_device();
     cuda::silu_mul(p, stream_);
   }
+  void copy_blocks(const CopyBlocksParams& p) override {
+    use_device();
+    for (int32_t i = 0; i < p.n; ++i)
+      for (void* pool : {p.k_pool, p.v_pool})
+        MC_CUDA_CHECK(cudaMemcpyAsync(static_cast<uint8_t*>(pool) + p.dst[i] * p.block_bytes,
+                                      static_cast<const uint8_t*>(pool) + p.src[i] * p.block_bytes, p.block_bytes,
+                                      cudaMemcpyDeviceToDevice, stream_));
+  }
   void moe(const MoeParams& p) override;
   void moe_route(const MoeRouteParams& p) override {
     use_device();

@@ -293,6 +293,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("model"), py::arg("max_num_seqs") = 64, py::arg("max_num_batched_tokens") = 2048,
            py::keep_alive<1, 2>())
       .def("add", &mc::Scheduler::add, py::arg("prompt"), py::arg("params"))
+      .def("add_group", &mc::Scheduler::add_group, py::arg("prompt"), py::arg("params"),
+           "The n samples of one prompt sharing its prefill: [request_id, ...]")
       .def("abort", &mc::Scheduler::abort, py::arg("request_id"))
       .def(
           "step",

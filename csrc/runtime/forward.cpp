@@ -267,6 +267,26 @@ void ForwardPass::run(const StepBatch& batch, float* logits, const PassSampling*
   compute_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - compute_start).count();
 }
 
+void ForwardPass::copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
+  if (src_dst.empty()) return;
+  std::vector<int32_t> src, dst;
+  for (const auto& [from, to] : src_dst) {
+    src.push_back(from);
+    dst.push_back(to);
+  }
+  CopyBlocksParams p;
+  p.src = src.data();
+  p.dst = dst.data();
+  p.n = static_cast<int32_t>(src.size());
+  p.block_bytes = static_cast<size_t>(layout_.block_size) * config_.kv_dim() * dtype_size(act_);
+  for (size_t l = 0; l < k_pools_.size(); ++l) {
+    p.k_pool = k_pools_[l].get();
+    p.v_pool = v_pools_[l].get();
+    backend_.copy_blocks(p);
+  }
+  backend_.synchronize();
+}
+
 SampleParams ForwardPass::upload_sampling(const PassSampling& s) {
   const size_t rows = s.controls.size();
   if (s.history_offsets.size() != rows + 1 || s.bias_offsets.size() != rows + 1 || s.banned_offsets.size() != rows + 1 ||

@@ -70,6 +70,9 @@ class ForwardPass {
 
   static constexpr int32_t kMaxLogprobs = 20;
 
+  // Block dst[i] of every layer's pools takes block src[i]'s K and V (a forked sequence).
+  void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst);
+
   DType activation_dtype() const { return act_; }
   // Seconds spent in the backend's ops (layers, LM head, sampler), summed over every run:
   // what is not in here is host overhead (planning, metadata, bookkeeping).

@@ -151,6 +151,14 @@ int32_t Model::add_sequence() {
   return blocks_.add_sequence();
 }
 
+int32_t Model::fork_sequence(int32_t seq) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::pair<int32_t, int32_t>> copies;
+  const int32_t fork = blocks_.fork_sequence(seq, &copies);
+  forward_->copy_blocks(copies);
+  return fork;
+}
+
 void Model::free_sequence(int32_t seq) {
   std::lock_guard<std::mutex> lock(mutex_);
   blocks_.free_sequence(seq);

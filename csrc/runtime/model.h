@@ -64,6 +64,9 @@ class Model {
 
   // Thread-safe: calls from several threads are serialized.
   int32_t add_sequence();
+  // A copy of `seq` (its cached K/V copied into fresh blocks): decoding it leaves `seq` as is.
+  // Throws kCacheFull when the pool lacks blocks_in_use(seq) free blocks.
+  int32_t fork_sequence(int32_t seq);
   void free_sequence(int32_t seq);
   int64_t blocks_in_use(int32_t seq) const;
   int64_t sequence_length(int32_t seq) const;

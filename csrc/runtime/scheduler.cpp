@@ -61,6 +61,30 @@ int64_t Scheduler::blocks_to_fit_alone(const Request& r) const {
 }
 
 uint64_t Scheduler::add(std::vector<int32_t> prompt, const RequestParams& params) {
+  Request* r = make_request(std::move(prompt), params);
+  waiting_.push_back(r);
+  return r->id;
+}
+
+std::vector<uint64_t> Scheduler::add_group(const std::vector<int32_t>& prompt, const std::vector<RequestParams>& params) {
+  if (params.empty()) fail(ErrorKind::kInvalidRequest, "add_group needs at least one sample");
+  std::vector<Request*> group;
+  try {
+    for (const RequestParams& p : params) group.push_back(make_request(prompt, p));
+  } catch (...) {
+    for (Request* r : group) requests_.erase(r->id);
+    throw;
+  }
+  Request* leader = group[0];
+  if (prompt.size() >= 2) leader->forks.assign(group.begin() + 1, group.end());
+  waiting_.push_back(leader);
+  if (prompt.size() < 2) waiting_.insert(waiting_.end(), group.begin() + 1, group.end());
+  std::vector<uint64_t> ids;
+  for (Request* r : group) ids.push_back(r->id);
+  return ids;
+}
+
+Scheduler::Request* Scheduler::make_request(std::vector<int32_t> prompt, const RequestParams& params) {
   const ModelConfig& config = model_.config();
   if (prompt.empty()) fail(ErrorKind::kInvalidRequest, "the prompt is empty");
   for (size_t i = 0; i < prompt.size(); ++i)
@@ -96,8 +120,28 @@ uint64_t Scheduler::add(std::vector<int32_t> prompt, const RequestParams& params
          ": shorten it or load the model with more num_blocks");
   Request* raw = request.get();
   requests_.emplace(raw->id, std::move(request));
-  waiting_.push_back(raw);
-  return raw->id;
+  return raw;
+}
+
+void Scheduler::fork_waiting_samples(Request* leader) {
+  for (Request* r : leader->forks) {
+    const bool fits = model_.free_blocks() >= model_.blocks_in_use(leader->seq) &&
+                      static_cast<int32_t>(running_.size()) < options_.max_num_seqs;
+    if (fits) {
+      r->seq = model_.fork_sequence(leader->seq);
+      r->computed = leader->computed;
+      running_.push_back(r);
+    } else {
+      waiting_.push_back(r);  // no room to share: it computes its prompt alone, later
+    }
+  }
+  leader->forks.clear();
+}
+
+void Scheduler::release_forks(Request* leader) {
+  // Samples still waiting for this prefill compute their prompt alone.
+  for (Request* r : leader->forks) waiting_.push_back(r);
+  leader->forks.clear();
 }
 
 void Scheduler::release(Request* r) {
@@ -117,6 +161,11 @@ bool Scheduler::abort(uint64_t id) {
   auto it = requests_.find(id);
   if (it == requests_.end()) return false;
   Request* r = it->second.get();
+  release_forks(r);
+  for (auto& [other_id, other] : requests_) {  // a sample aborted while it waits for its fork
+    auto& forks = other->forks;
+    forks.erase(std::remove(forks.begin(), forks.end(), r), forks.end());
+  }
   release(r);
   waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), r), waiting_.end());
   requests_.erase(it);
@@ -157,7 +206,11 @@ std::vector<RequestUpdate> Scheduler::step() {
   // Running requests first, oldest first: their next token, or the next chunk of their prompt.
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     Request* r = running_[i];
-    const int64_t n = std::min(r->total() - r->computed, budget);
+    const int64_t n = std::min(r->target() - r->computed, budget);
+    if (n <= 0) {
+      ++i;
+      continue;
+    }
     const int64_t need = model_.blocks_needed(r->seq, n);
     while (need > available() && running_.size() > i + 1)
       preempt(running_.back());  // the most recently admitted, never yet scheduled this step
@@ -173,7 +226,7 @@ std::vector<RequestUpdate> Scheduler::step() {
   // Then admissions, first in line first, while blocks, budget and sequence slots last.
   while (!waiting_.empty() && budget > 0 && static_cast<int32_t>(running_.size()) < options_.max_num_seqs) {
     Request* r = waiting_.front();
-    const int64_t n = std::min(r->total(), budget);
+    const int64_t n = std::min(r->target(), budget);
     const int64_t need = model_.blocks_needed(-1, n);
     if (need > available()) break;
     waiting_.pop_front();
@@ -226,6 +279,7 @@ std::vector<RequestUpdate> Scheduler::step() {
   for (size_t k = 0; k < scheduled.size(); ++k) {
     auto [r, n] = scheduled[k];
     r->computed += n;
+    if (!r->forks.empty() && r->computed == r->target()) fork_waiting_samples(r);
     if (sampling_of[k] == nullptr) continue;
     RequestUpdate update;
     update.id = r->id;

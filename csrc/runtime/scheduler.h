@@ -63,6 +63,10 @@ class Scheduler {
   // Queues a request. Throws kInvalidRequest (nothing queued) for a bad prompt or params, or a
   // request that could not fit the KV pool even alone.
   uint64_t add(std::vector<int32_t> prompt, const RequestParams& params);
+  // Queues the n samples of one prompt (params[i] for sample i) sharing its prefill: the first
+  // computes all but the last prompt token, then the others fork its cached K/V (copied into
+  // blocks of their own) and go on alone. Returns their ids in order.
+  std::vector<uint64_t> add_group(const std::vector<int32_t>& prompt, const std::vector<RequestParams>& params);
   // Frees the request's blocks at once; unknown or finished ids are ignored. Returns whether it
   // was still unfinished.
   bool abort(uint64_t id);
@@ -87,12 +91,19 @@ class Scheduler {
     std::vector<int32_t> banned;
     int32_t seq = -1;
     int64_t computed = 0;                // tokens of prompt + output in the KV cache
+    std::vector<Request*> forks;         // samples of the same prompt waiting for this prefill
     int64_t total() const { return static_cast<int64_t>(prompt.size() + output.size()); }
+    // Where this step's computation may go: all known tokens, or (with samples waiting to
+    // fork) all but the last prompt token, whose logits each sample draws from itself.
+    int64_t target() const { return forks.empty() ? total() : static_cast<int64_t>(prompt.size()) - 1; }
     int32_t token_at(int64_t i) const {
       return i < static_cast<int64_t>(prompt.size()) ? prompt[i] : output[i - prompt.size()];
     }
   };
 
+  Request* make_request(std::vector<int32_t> prompt, const RequestParams& params);
+  void fork_waiting_samples(Request* leader);
+  void release_forks(Request* leader);
   void preempt(Request* request);
   void release(Request* request);
   // Appends `token` and returns the finish reason it causes.
