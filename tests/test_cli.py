@@ -299,7 +299,7 @@ def test_demo_builds_once_and_reuses_cache(tmp_path):
         (["--num-blocks", "0"], "--num-blocks"),
         (["--dtype", "int8"], "--dtype"),
         (["--device", "tpu"], "--device"),
-        (["--device", "cpu", "--dtype", "bfloat16"], "--dtype"),
+        (["--block-regex", "("], "--block-regex"),
     ],
 )
 def test_options_checked_before_loading(flags, pattern, v1, tmp_path):
