@@ -67,6 +67,7 @@ class Engine:
         tokenizer: Union[None, str, os.PathLike, Tokenizer] = None,
         max_batch_size: int = 64,
         prefill_chunk: int = 512,
+        mmap: bool = True,
     ) -> "Engine":
         """Loads a Hugging Face (config.json) or Mistral consolidated (params.json) directory.
 
@@ -75,7 +76,12 @@ class Engine:
         tokenizer: a SentencePiece file or a Tokenizer; by default the directory's own
         (tokenizer.model.v3, tokenizer.model, ...). Without one, prompts must be token ids.
         max_batch_size: sequences decoded together; prefill_chunk: prompt tokens per step.
+        mmap: weights the CPU backend uses as stored are memory-mapped views of the files, which
+        must then not be modified or truncated while the engine lives (SIGBUS or changed
+        outputs); mmap=False reads the files into private memory instead.
         """
+        if not isinstance(mmap, bool):
+            raise TypeError(f"mmap must be a bool, got {type(mmap).__name__}")
         if tokenizer is None:
             found = find_tokenizer_file(model_dir) if Path(model_dir).is_dir() else None
             tokenizer = Tokenizer.from_file(found) if found is not None else None
@@ -96,6 +102,7 @@ class Engine:
                 block_size=block_size,
                 num_blocks=0 if num_blocks is None else num_blocks,
                 progress=report,
+                mmap=mmap,
             )
         finally:
             bar.close()
@@ -199,6 +206,7 @@ class Engine:
                     params=p,
                     eos_id=tok.eos_id if tok is not None else None,
                     decoder=tok.stream_decoder(prompt_ids) if tok is not None else None,
+                    sample_vocab=tok.vocab_size if tok is not None else None,
                 )
             )
         return requests

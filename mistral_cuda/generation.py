@@ -44,6 +44,9 @@ class Request:
     params: SamplingParams
     eos_id: Optional[int]
     decoder: Optional[object]  # tokenizer.StreamDecoder; None without a tokenizer
+    # Ids that may be sampled: [0, sample_vocab). The tokenizer's vocab_size, so that a model
+    # whose vocabulary is larger than its tokenizer's never emits an id it cannot decode.
+    sample_vocab: Optional[int] = None
     generator: torch.Generator = field(init=False)
     seq: Optional[int] = None
     prefilled: int = 0
@@ -76,6 +79,9 @@ class Request:
             self.prefilled += fed
             if self.prefilled < len(self.prompt_ids):
                 return
+        if self.sample_vocab is not None and self.sample_vocab < logits.numel():
+            logits = logits.clone()
+            logits[self.sample_vocab :] = float("-inf")
         token = sample_next(logits, self.params, self.generator, self.seen)
         if not self.generated:
             self.first_token = time.perf_counter()
@@ -142,7 +148,8 @@ def run(model, requests: List[Request], max_batch_size: int, prefill_chunk: int)
     """Advances all requests to completion; yields a request whenever it has new text or ends.
 
     Sequences are freed when their request ends, and all of them if the caller stops early
-    or a step fails.
+    or anything is raised (KeyboardInterrupt included): each exactly once, and the exception
+    that stopped the run is the one the caller sees.
     """
     config = model.config
     max_seq_len = None if config.sliding_window is not None else config.max_seq_len
@@ -152,9 +159,10 @@ def run(model, requests: List[Request], max_batch_size: int, prefill_chunk: int)
         while waiting or active:
             while waiting and len(active) < max_batch_size:
                 request = waiting.popleft()
-                request.seq = model.add_sequence()
-                request.started = time.perf_counter()
+                # In `active` before it holds a sequence, so the cleanup below always sees it.
                 active.append(request)
+                request.started = time.perf_counter()
+                request.seq = model.add_sequence()
             fed = [request.next_tokens(prefill_chunk) for request in active]
             logits = model.step([(r.seq, tokens) for r, tokens in zip(active, fed)])
             for request, tokens, row in zip(active, fed, logits):
@@ -166,11 +174,26 @@ def run(model, requests: List[Request], max_batch_size: int, prefill_chunk: int)
                 model.free_sequence(request.seq)
                 request.seq = None
                 active.remove(request)
-    finally:
-        for request in active:
-            if request.seq is not None:
-                model.free_sequence(request.seq)
-                request.seq = None
+    except BaseException:
+        _free_all(model, active)
+        raise
+
+
+def _free_all(model, requests: List[Request]) -> None:
+    """Frees the sequences of `requests` while an exception is in flight, so nothing raised here
+    may replace it: each free is attempted whatever the others raise.
+
+    An exception landing after free_sequence() returned but before `request.seq = None` leaves
+    a freed id behind; freeing it again is refused with InvalidRequestError (the model never
+    reuses sequence ids), so that refusal is the one error expected here."""
+    for request in requests:
+        seq, request.seq = request.seq, None
+        if seq is None:
+            continue
+        try:
+            model.free_sequence(seq)
+        except BaseException:  # noqa: B036 - the error in flight wins; see the docstring
+            pass
 
 
 def check_prompt(prompt_ids: List[int], config, index: int) -> None:

@@ -1,6 +1,7 @@
 #include "core/checkpoint.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <fstream>
 #include <map>
@@ -8,6 +9,7 @@
 #include <set>
 #include <sstream>
 
+#include "core/checked_math.h"
 #include "core/error.h"
 #include "core/json.h"
 #include "core/random.h"
@@ -65,8 +67,10 @@ ModelConfig read_config(const std::string& model_dir, CheckpointLayout layout) {
 // Every tensor name of the checkpoint, mapped to the file holding it.
 class TensorIndex {
  public:
+  explicit TensorIndex(bool use_mmap) : use_mmap_(use_mmap) {}
+
   void add_file(const std::string& path) {
-    auto file = SafetensorsFile::open(path);
+    auto file = SafetensorsFile::open(path, use_mmap_);
     for (const auto& [name, entry] : file->entries()) {
       auto [it, inserted] = where_.emplace(name, Location{file, &entry});
       if (!inserted) fail(ErrorKind::kCheckpoint, "tensor '", name, "' appears in both ", it->second.file->path(), " and ", path);
@@ -84,12 +88,13 @@ class TensorIndex {
   }
 
  private:
+  bool use_mmap_;
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, Location> where_;
 };
 
-TensorIndex open_hf_files(const std::string& model_dir) {
-  TensorIndex index;
+TensorIndex open_hf_files(const std::string& model_dir, bool use_mmap) {
+  TensorIndex index(use_mmap);
   std::string single = model_dir + "/model.safetensors";
   std::string index_path = model_dir + "/model.safetensors.index.json";
   if (is_file(index_path)) {
@@ -112,10 +117,10 @@ TensorIndex open_hf_files(const std::string& model_dir) {
   return index;
 }
 
-TensorIndex open_mistral_files(const std::string& model_dir) {
+TensorIndex open_mistral_files(const std::string& model_dir, bool use_mmap) {
   std::string path = model_dir + "/consolidated.safetensors";
   if (!is_file(path)) fail(ErrorKind::kFileNotFound, model_dir, " has params.json but no consolidated.safetensors");
-  TensorIndex index;
+  TensorIndex index(use_mmap);
   index.add_file(path);
   return index;
 }
@@ -123,6 +128,7 @@ TensorIndex open_mistral_files(const std::string& model_dir) {
 // Consolidated q/k rows rotate interleaved pairs (x0,x1),(x2,x3)...; HF order pairs
 // (x_i, x_{i+d/2}). Within each head, HF row r takes consolidated row 2r (first half) or
 // 2(r - d/2) + 1 (second half). Rows are moved as bytes, whatever the dtype.
+// The caller guarantees n_heads * head_dim rows of row_bytes in both buffers (see load_tensor).
 void permute_rows_to_half_rotation(const uint8_t* src, uint8_t* dst, int64_t n_heads, int64_t head_dim,
                                    size_t row_bytes) {
   int64_t half = head_dim / 2;
@@ -200,7 +206,14 @@ std::vector<WeightRequest> plan_weights(const ModelConfig& c, CheckpointLayout l
 
 Tensor load_tensor(const TensorIndex::Location& where, const WeightRequest& request, std::optional<DType> dtype) {
   Tensor stored = where.file->view(*where.entry);
+  if (stored.shape != request.shape)  // checked by load_checkpoint; restated where memory depends on it
+    fail(ErrorKind::kCheckpoint, "tensor '", request.name, "' has shape ", stored.shape_str(), ", expected ",
+         shape_str(request.shape));
   if (request.rows == RowOrder::kInterleavedHeads) {
+    if (request.shape.size() != 2 || request.rope_heads <= 0 || request.shape[0] % request.rope_heads != 0 ||
+        (request.shape[0] / request.rope_heads) % 2 != 0)
+      fail(ErrorKind::kCheckpoint, "tensor '", request.name, "' of shape ", stored.shape_str(),
+           " cannot be split into ", request.rope_heads, " heads of even size");
     Tensor permuted = Tensor::empty(stored.dtype, request.shape);
     const size_t row_bytes = static_cast<size_t>(request.shape[1]) * dtype_size(stored.dtype);
     permute_rows_to_half_rotation(static_cast<const uint8_t*>(stored.data), static_cast<uint8_t*>(permuted.data),
@@ -216,6 +229,14 @@ Tensor load_tensor(const TensorIndex::Location& where, const WeightRequest& requ
   return converted;
 }
 
+// Bytes of all weights of `config` in float32 (bounded configs cannot overflow this).
+int64_t weight_bytes_f32(const ModelConfig& c) {
+  const int64_t ffn = 3 * c.hidden_dim * c.dim * (c.is_moe() ? c.n_experts : 1) + (c.is_moe() ? c.n_experts * c.dim : 0);
+  const int64_t attention = 2 * c.q_dim() * c.dim + 2 * c.kv_dim() * c.dim;
+  const int64_t per_layer = attention + ffn + 2 * c.dim;
+  return 4 * (c.n_layers * per_layer + (c.tie_embeddings ? 1 : 2) * c.vocab_size * c.dim + c.dim);
+}
+
 }  // namespace
 
 std::vector<WeightSlot> weight_slots(const ModelConfig& config, ModelWeights& weights) {
@@ -227,6 +248,13 @@ std::vector<WeightSlot> weight_slots(const ModelConfig& config, ModelWeights& we
 
 ModelWeights random_weights(const ModelConfig& config, uint64_t seed) {
   config.validate();
+  // Random weights are written in full, so a model larger than the machine would be killed
+  // for memory halfway; say so up front instead.
+  const int64_t needed = weight_bytes_f32(config);
+  const int64_t physical = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGESIZE));
+  if (physical > 0 && needed > physical)
+    fail(ErrorKind::kOutOfMemory, "random float32 weights of this config need ", needed,
+         " bytes of host memory; this machine has ", physical);
   ModelWeights weights;
   std::vector<WeightSlot> slots = weight_slots(config, weights);
   for (size_t slot = 0; slot < slots.size(); ++slot) {
@@ -248,13 +276,14 @@ ModelConfig read_model_config(const std::string& model_dir) {
   return read_config(model_dir, detect_layout(model_dir));
 }
 
-Checkpoint load_checkpoint(const std::string& model_dir, std::optional<DType> dtype, const ProgressFn& progress) {
+Checkpoint load_checkpoint(const std::string& model_dir, std::optional<DType> dtype, const ProgressFn& progress,
+                           bool use_mmap) {
   require_dir(model_dir);
   Checkpoint checkpoint;
   checkpoint.layout = detect_layout(model_dir);
   checkpoint.config = read_config(model_dir, checkpoint.layout);
-  TensorIndex index = checkpoint.layout == CheckpointLayout::kHuggingFace ? open_hf_files(model_dir)
-                                                                            : open_mistral_files(model_dir);
+  TensorIndex index = checkpoint.layout == CheckpointLayout::kHuggingFace ? open_hf_files(model_dir, use_mmap)
+                                                                            : open_mistral_files(model_dir, use_mmap);
   std::vector<WeightRequest> plan = plan_weights(checkpoint.config, checkpoint.layout, checkpoint.weights);
 
   // Check every tensor's presence, dtype and shape before converting anything.

@@ -57,9 +57,12 @@ struct Checkpoint {
 ModelConfig read_model_config(const std::string& model_dir);
 
 // Loads config and weights. With `dtype` set, weights are converted to it; without, they keep
-// the dtype stored in the file. Tensors already in their final form are memory-mapped views of
-// the file, not copies.
-Checkpoint load_checkpoint(const std::string& model_dir, std::optional<DType> dtype, const ProgressFn& progress);
+// the dtype stored in the file. Tensors already in their final form are views of the file, not
+// copies: with use_mmap, views of its memory mapping (the file must then not be modified or
+// truncated while they live: SIGBUS or changed weights); without, of a private copy read at
+// load time (the file may change freely afterwards).
+Checkpoint load_checkpoint(const std::string& model_dir, std::optional<DType> dtype, const ProgressFn& progress,
+                           bool use_mmap = true);
 
 // Every weight tensor of a model: Hugging Face name, shape, and its slot in `weights`.
 struct WeightSlot {

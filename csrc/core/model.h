@@ -22,6 +22,7 @@ struct ModelOptions {
   int32_t block_size = 16;
   int64_t num_blocks = 0;      // 0 = default_num_blocks()
   ProgressFn progress;         // called while weights load
+  bool use_mmap = true;        // false: weights read into private memory (the file may change after load)
 };
 
 struct StepEntry {

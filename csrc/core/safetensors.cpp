@@ -7,8 +7,10 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 
+#include "core/checked_math.h"
 #include "core/error.h"
 #include "core/json.h"
 
@@ -16,6 +18,7 @@ namespace mc {
 namespace {
 
 constexpr uint64_t kMaxHeaderBytes = 100ull << 20;  // the format's own reader caps it likewise
+constexpr int64_t kMaxElements = int64_t{1} << 48;  // per tensor; far above any real weight
 
 // Element size of every dtype the safetensors format defines; 0 = unknown.
 size_t element_size(const std::string& name) {
@@ -36,7 +39,7 @@ std::optional<DType> float_dtype(const std::string& name) {
 
 }  // namespace
 
-std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
+std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path, bool use_mmap) {
   std::shared_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -55,20 +58,50 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
     fail(ErrorKind::kCheckpoint, path, ": file of ", file->file_size_,
          " bytes is too small to hold a safetensors header (truncated?)");
   }
-  void* mapping = mmap(nullptr, file->file_size_, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
-  if (mapping == MAP_FAILED) fail(ErrorKind::kCheckpoint, "cannot mmap ", path, ": ", std::strerror(errno));
-  file->mapping_ = mapping;
+  if (use_mmap) {
+    void* mapping = mmap(nullptr, file->file_size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    ::close(fd);
+    if (mapping == MAP_FAILED) fail(ErrorKind::kCheckpoint, "cannot mmap ", path, ": ", std::strerror(errno));
+    file->mapping_ = mapping;
+    file->bytes_ = static_cast<const uint8_t*>(mapping);
+  } else {
+    try {
+      file->read_private(fd);
+    } catch (...) {
+      ::close(fd);
+      throw;
+    }
+    ::close(fd);
+  }
   file->parse_header();
   return file;
 }
 
 SafetensorsFile::~SafetensorsFile() {
   if (mapping_ != nullptr) munmap(mapping_, file_size_);
+  std::free(private_copy_);
+}
+
+void SafetensorsFile::read_private(int fd) {
+  private_copy_ = std::malloc(file_size_);
+  if (private_copy_ == nullptr)
+    fail(ErrorKind::kOutOfMemory, "out of host memory reading ", path_, " (", file_size_, " bytes)");
+  auto* out = static_cast<uint8_t*>(private_copy_);
+  size_t done = 0;
+  while (done < file_size_) {
+    const ssize_t got = pread(fd, out + done, file_size_ - done, static_cast<off_t>(done));
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) fail(ErrorKind::kCheckpoint, "cannot read ", path_, ": ", std::strerror(errno));
+    if (got == 0)
+      fail(ErrorKind::kCheckpoint, path_, " shrank to ", done, " bytes while being read (was ", file_size_,
+           "; truncated?)");
+    done += static_cast<size_t>(got);
+  }
+  bytes_ = out;
 }
 
 void SafetensorsFile::parse_header() {
-  const auto* bytes = static_cast<const uint8_t*>(mapping_);
+  const uint8_t* bytes = bytes_;
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];
   if (header_len > file_size_ - 8)
@@ -107,13 +140,17 @@ void SafetensorsFile::parse_header() {
     if (elem == 0) fail(ErrorKind::kCheckpoint, what, " has unknown dtype '", entry.dtype_name, "'");
     entry.dtype = float_dtype(entry.dtype_name);
 
-    uint64_t numel = 1;
+    // Checked at every factor, so no order of extents can wrap the count (2^48 * 2^16 = 0).
+    int64_t numel = 1;
     for (const Json& extent : shape->array(what + " shape")) {
       int64_t n = extent.integer(what + " shape entry");
       if (n < 0) fail(ErrorKind::kCheckpoint, what, " has a negative shape entry");
       entry.shape.push_back(n);
-      numel *= static_cast<uint64_t>(n);
-      if (numel > (1ull << 48)) fail(ErrorKind::kCheckpoint, what, " shape is implausibly large");
+      const std::optional<int64_t> product = checked_product({numel, n});
+      if (n > kMaxElements || !product || *product > kMaxElements)
+        fail(ErrorKind::kCheckpoint, what, " shape is implausibly large: more than 2^48 elements (",
+             shape_str(entry.shape), " and on; the product would overflow)");
+      numel = *product;
     }
     const auto& range = offsets->array(what + " data_offsets");
     if (range.size() != 2) fail(ErrorKind::kCheckpoint, what, " data_offsets must be [begin, end]");
@@ -122,9 +159,16 @@ void SafetensorsFile::parse_header() {
     if (begin < 0 || end < begin || static_cast<uint64_t>(end) > data_size_)
       fail(ErrorKind::kCheckpoint, what, " data_offsets [", begin, ", ", end, "] out of range: the file holds ",
            data_size_, " bytes of data (truncated?)");
-    if (static_cast<uint64_t>(end - begin) != numel * elem)
+    const int64_t nbytes = numel * static_cast<int64_t>(elem);  // <= 2^51: cannot overflow
+    if (end - begin != nbytes)
       fail(ErrorKind::kCheckpoint, what, " data_offsets span ", end - begin, " bytes but dtype ", entry.dtype_name,
-           " and shape ", shape_str(entry.shape), " need ", numel * elem);
+           " and shape ", shape_str(entry.shape), " need ", nbytes);
+    // The mapping starts page-aligned, so the file offset decides the alignment of the data.
+    const uint64_t file_offset = 8 + header_len + static_cast<uint64_t>(begin);
+    if (nbytes > 0 && file_offset % elem != 0)
+      fail(ErrorKind::kCheckpoint, what, " is misaligned: its data starts at file byte ", file_offset,
+           ", not a multiple of its ", elem, "-byte element size (data_offsets or the header length are not",
+           " aligned)");
     entry.offset = static_cast<size_t>(begin);
     entry.nbytes = static_cast<size_t>(end - begin);
     auto inserted = entries_.emplace(name, std::move(entry));

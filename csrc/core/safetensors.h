@@ -1,8 +1,15 @@
-// Memory-mapped reader of the safetensors format:
+// Reader of the safetensors format:
 //   [u64 little-endian header length N][N bytes of JSON header][data]
 // The header maps each tensor name to {"dtype", "shape", "data_offsets": [begin, end]}, offsets
-// relative to the start of the data. Everything is validated when the file is opened, so a
-// truncated or corrupt file is an error naming the problem, never an out-of-bounds read.
+// relative to the start of the data. Everything is validated when the file is opened (shape
+// products checked for overflow, offsets in range, non-overlapping and aligned to the element
+// size), so a truncated or corrupt file is an error naming the problem, never an
+// out-of-bounds or misaligned read.
+//
+// The file is memory-mapped by default: views share the page cache, and the file must then not
+// be modified or truncated while a view is alive (a truncated mapping raises SIGBUS on access,
+// an overwritten one changes the weights). With use_mmap = false the whole file is read into
+// private memory instead, and the file may change freely once open() returns.
 #pragma once
 
 #include <cstddef>
@@ -29,7 +36,7 @@ struct SafetensorsEntry {
 
 class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
  public:
-  static std::shared_ptr<SafetensorsFile> open(const std::string& path);
+  static std::shared_ptr<SafetensorsFile> open(const std::string& path, bool use_mmap = true);
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
@@ -44,10 +51,13 @@ class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
 
  private:
   SafetensorsFile() = default;
+  void read_private(int fd);
   void parse_header();
 
   std::string path_;
-  void* mapping_ = nullptr;
+  void* mapping_ = nullptr;      // the mmap'ed file (use_mmap), else nullptr
+  void* private_copy_ = nullptr;  // the file read into malloc'ed memory (!use_mmap), else nullptr
+  const uint8_t* bytes_ = nullptr;  // the whole file, from either
   size_t file_size_ = 0;
   const uint8_t* data_ = nullptr;  // start of the data section
   size_t data_size_ = 0;

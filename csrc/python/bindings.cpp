@@ -62,7 +62,13 @@ void register_errors(py::module_& m) {
         case mc::ErrorKind::kOutOfMemory: type = PyExc_MemoryError; break;
         case mc::ErrorKind::kUnsupported: type = error_types.unsupported; break;
       }
-      PyErr_SetString(type, e.what());
+      // Messages quote file contents (tensor names, dtypes), which need not be UTF-8.
+      const std::string message = e.what();
+      PyObject* text = PyUnicode_DecodeUTF8(message.data(), static_cast<Py_ssize_t>(message.size()), "replace");
+      if (text != nullptr) {  // else decoding failed and set its own error (MemoryError)
+        PyErr_SetObject(type, text);
+        Py_DECREF(text);
+      }
     }
   });
 }
@@ -94,8 +100,9 @@ mc::ModelOptions model_options(const std::string& device, const std::optional<st
 
 std::unique_ptr<mc::Model> load_model(const std::string& model_dir, const std::string& device,
                                       const std::optional<std::string>& dtype, int32_t block_size, int64_t num_blocks,
-                                      py::object progress) {
+                                      py::object progress, bool mmap) {
   mc::ModelOptions options = model_options(device, dtype, block_size, num_blocks, progress);
+  options.use_mmap = mmap;
   py::gil_scoped_release no_gil;
   return mc::Model::load(model_dir, options);
 }
@@ -167,7 +174,7 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<mc::Model>(m, "Model")
       .def_static("load", &load_model, py::arg("model_dir"), py::arg("device") = "cpu", py::arg("dtype") = py::none(),
-                  py::arg("block_size") = 16, py::arg("num_blocks") = 0, py::arg("progress") = py::none())
+                  py::arg("block_size") = 16, py::arg("num_blocks") = 0, py::arg("progress") = py::none(), py::arg("mmap") = true)
       .def_static("from_config", &model_from_config, py::arg("config"), py::arg("device") = "cpu",
                   py::arg("dtype") = py::none(), py::arg("seed") = 0, py::arg("block_size") = 16,
                   py::arg("num_blocks") = 0)
