@@ -430,3 +430,27 @@ def test_mmap_false_survives_file_truncation_and_overwrite(layout, mistral_sw, t
 def test_mmap_option_is_checked(mistral_sw):
     with pytest.raises(TypeError):
         _load(mistral_sw.path, mmap="no")
+
+
+# --------------------------------------------------------------------------------------
+# The fuzzers' seed corpus (fuzz/make_corpus.py)
+# --------------------------------------------------------------------------------------
+
+
+def test_fuzz_seed_corpus_is_made_of_loadable_checkpoints(tmp_path):
+    """Every fuzz_checkpoint_dir seed stands for a model directory the engine loads and runs,
+    so the fuzzer mutates valid checkpoints rather than inputs rejected at the first byte."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_corpus", Path(__file__).parent.parent / "fuzz" / "make_corpus.py")
+    make_corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_corpus)
+    written = make_corpus.write_corpus(tmp_path / "corpus")
+    assert set(written) == set(make_corpus.TARGETS) and all(written.values())
+    for seed in written["fuzz_checkpoint_dir"]:
+        model_dir = tmp_path / "dirs" / seed.name
+        model_dir.mkdir(parents=True)
+        use_mmap = make_corpus.unpack_dir(seed.read_bytes(), model_dir)
+        engine = _load(model_dir, mmap=use_mmap)
+        logits = engine.logits([1, 2, 3, 4, 5])
+        assert logits.shape == (5, 32) and torch.isfinite(logits).all(), seed.name
