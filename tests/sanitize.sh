@@ -20,7 +20,7 @@ mkdir -p "$PACKAGE"
 for source in mistral_cuda/*.py; do ln -sf "$PWD/$source" "$PACKAGE/"; done
 
 if [ "$#" -eq 0 ]; then
-  set -- tests/test_hardening.py tests/test_errors.py tests/test_cache.py tests/test_logits.py
+  set -- tests/test_hardening.py tests/test_errors.py tests/test_cache.py tests/test_logits.py tests/test_generate.py
 fi
 # python3 itself is not instrumented, so the ASan runtime must be loaded first, and libstdc++
 # with it (ASan finds the real __cxa_throw at start-up, before the module would load it). Leak
