@@ -166,7 +166,8 @@ def test_config_at_the_bounds_is_cheap(mixtral_sw, tmp_path):
 @pytest.mark.parametrize(
     "field,value",
     [("n_layers", 2**59), ("dim", 2**40), ("n_kv_heads", 2**40), ("head_dim", 2**40),
-     ("vocab_size", 2**40), ("max_seq_len", 2**62), ("sliding_window", 2**53), ("n_experts", 2**40)],
+     ("vocab_size", 2**40), ("max_seq_len", 2**62), ("sliding_window", 2**53), ("n_experts", 2**40),
+     ("n_experts_per_tok", 2**40)],
 )
 def test_preset_with_huge_field_from_config(field, value, mistral_sw):
     """n_layers = 2**59 on a preset made the default pool size divide by an overflowed

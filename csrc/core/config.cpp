@@ -66,6 +66,9 @@ void check_config(const ModelConfig& c, const std::string& source) {
     fail(ErrorKind::kCheckpoint, source, ": rope_theta must be positive and finite, got ", c.rope_theta);
   if (c.n_experts < 0 || c.n_experts_per_tok < 0)
     fail(ErrorKind::kCheckpoint, source, ": expert counts must not be negative");
+  if (c.n_experts_per_tok > ModelConfig::kMaxExperts)  // unused by dense models, bounded all the same
+    fail(ErrorKind::kCheckpoint, source, ": n_experts_per_tok = ", c.n_experts_per_tok, " exceeds the limit of ",
+         ModelConfig::kMaxExperts);
   if (c.n_experts > 0) {
     in_range(c.n_experts, "n_experts", ModelConfig::kMaxExperts);
     // Both bounded above, so the product cannot overflow; it bounds the weight plan's size.
