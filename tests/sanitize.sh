@@ -9,6 +9,13 @@ BUILD=build-asan
 PACKAGE="$BUILD/python/mistral_cuda"
 SANITIZE="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 
+if [ ! -f "$(gcc -print-file-name=libasan.so)" ] || [ ! -f "$(gcc -print-file-name=libubsan.so)" ]; then
+  echo "installing gcc's sanitizer runtimes" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends "libgcc-$(gcc -dumpversion | cut -d. -f1)-dev" >/dev/null
+fi
+
 cmake -S . -B "$BUILD" -G Ninja -DMC_ENABLE_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCMAKE_CXX_FLAGS="$SANITIZE" -DCMAKE_MODULE_LINKER_FLAGS="$SANITIZE" -DCMAKE_SHARED_LINKER_FLAGS="$SANITIZE" \
   -DPython_EXECUTABLE="$(command -v python3)" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
