@@ -2,6 +2,7 @@
 // (in /dev/shm when it exists, so the disk is not worn), rewritten by every input.
 #pragma once
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -15,13 +16,32 @@
 
 namespace mc_fuzz {
 
+// Removed at a normal exit (libFuzzer exits normally at -max_total_time); a crash leaves it
+// behind with the files of the crashing input.
+class ScratchDir {
+ public:
+  ScratchDir() {
+    path_ = (access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp") + std::string("/mc_fuzz.XXXXXX");
+    if (mkdtemp(path_.data()) == nullptr) std::abort();
+  }
+  ~ScratchDir() {
+    if (DIR* dir = opendir(path_.c_str())) {
+      while (const dirent* entry = readdir(dir))
+        if (std::string(entry->d_name) != "." && std::string(entry->d_name) != "..")
+          unlink((path_ + "/" + entry->d_name).c_str());
+      closedir(dir);
+    }
+    rmdir(path_.c_str());
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
 inline const std::string& scratch_dir() {
-  static const std::string dir = [] {
-    std::string pattern = (access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp") + std::string("/mc_fuzz.XXXXXX");
-    if (mkdtemp(pattern.data()) == nullptr) std::abort();
-    return pattern;
-  }();
-  return dir;
+  static const ScratchDir dir;
+  return dir.path();
 }
 
 inline void write_file(const std::string& path, const uint8_t* data, size_t size) {
