@@ -244,6 +244,8 @@ class Engine:
         whose weights and KV cache exceed the available RAM (CPU) or GPU memory.
         Ctrl-C during the load stops it (KeyboardInterrupt).
         """
+        if not isinstance(mmap, bool):
+            raise TypeError(f"mmap must be a bool, got {type(mmap).__name__}")
         limits = _limits(max_num_seqs, max_num_batched_tokens, max_batch_size, prefill_chunk)
         config = _C.ModelConfig.from_dir(os.fspath(model_dir))
         dtype_name = _dtype_name(dtype)

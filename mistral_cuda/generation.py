@@ -10,6 +10,7 @@ aborts the request in the core), streaming deltas and the outputs.
 from __future__ import annotations
 
 import secrets
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Union
@@ -222,10 +223,15 @@ def run(scheduler: "_C.Scheduler", groups: List[List[Request]]) -> Iterator[Requ
             for request in group:
                 request.started = time.perf_counter()
             params = [request.core_params() for request in group]
+            # Recorded before the call: an interruption right after it returns loses none of them
+            # (ids count up; aborting one never added does nothing).
+            first = scheduler.next_request_id
+            for i, request in enumerate(group):
+                request.core_id = first + i
+                by_core_id[first + i] = request
             core_ids = scheduler.add_group(group[0].prompt_ids, params)
-            for request, core_id in zip(group, core_ids):
-                request.core_id = core_id
-                by_core_id[core_id] = request
+            if list(core_ids) != [r.core_id for r in group]:
+                raise RuntimeError("the scheduler assigned unexpected request ids")
         while by_core_id:
             updates = scheduler.step()
             if not updates and scheduler.stats["last_batch_tokens"] == 0:
@@ -243,9 +249,18 @@ def run(scheduler: "_C.Scheduler", groups: List[List[Request]]) -> Iterator[Requ
                     del by_core_id[core_id]
                 yield request
     finally:
-        for core_id, request in by_core_id.items():
-            scheduler.abort(core_id)
+        # Every unfinished request is aborted (abort ignores ids already gone), whatever one of
+        # the aborts raises; an exception in flight wins over any raised here.
+        in_flight = sys.exc_info()[1]
+        failure = None
+        for core_id, request in list(by_core_id.items()):
+            try:
+                scheduler.abort(core_id)
+            except BaseException as e:  # noqa: B036 - the others must be aborted too
+                failure = failure or e
             request.abort()
+        if failure is not None and (in_flight is None or isinstance(in_flight, GeneratorExit)):
+            raise failure
 
 
 def check_prompt(prompt_ids: List[int], config, index: int) -> None:

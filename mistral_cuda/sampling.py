@@ -235,6 +235,8 @@ def reference_sample(logits: torch.Tensor, row: SampleRow):
             token = int(kept[int(np.argmax(scores))])
     if row.logprobs < 0:
         return token, 0.0, 0, []
+    if 0 < row.vocab_limit < V:  # the distribution over the ids that exist for the tokenizer
+        raw, V = raw[: row.vocab_limit], row.vocab_limit
     top = float(raw.max())
     log_norm = top + math.log(float(np.cumsum(np.exp(raw.astype(np.float64) - top))[-1]))
     rank = 1 + int((raw > raw[token]).sum())

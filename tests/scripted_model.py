@@ -55,6 +55,10 @@ class ScriptedScheduler:
         self.requests[rid] = SimpleNamespace(prompt=list(prompt), params=params, output=[])
         return rid
 
+    @property
+    def next_request_id(self) -> int:
+        return self.next_id
+
     def add_group(self, prompt, params) -> list:
         return [self.add(prompt, p) for p in params]
 

@@ -1,6 +1,7 @@
 #include "core/checkpoint.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <fstream>
 #include <map>
@@ -8,6 +9,7 @@
 #include <set>
 #include <sstream>
 
+#include "core/checked_math.h"
 #include "core/error.h"
 #include "core/json.h"
 #include "core/random.h"
@@ -123,6 +125,7 @@ TensorIndex open_mistral_files(const std::string& model_dir) {
 // Consolidated q/k rows rotate interleaved pairs (x0,x1),(x2,x3)...; HF order pairs
 // (x_i, x_{i+d/2}). Within each head, HF row r takes consolidated row 2r (first half) or
 // 2(r - d/2) + 1 (second half). Rows are moved as bytes, whatever the dtype.
+// The caller guarantees n_heads * head_dim rows of row_bytes in both buffers (see load_tensor).
 void permute_rows_to_half_rotation(const uint8_t* src, uint8_t* dst, int64_t n_heads, int64_t head_dim,
                                    size_t row_bytes) {
   int64_t half = head_dim / 2;
@@ -227,6 +230,12 @@ void copy_into_target(const TensorIndex::Location& where, const WeightRequest& r
   std::vector<uint8_t> raw(entry.nbytes);
   where.file->read_into(entry, raw.data());
   if (request.rows == RowOrder::kInterleavedHeads) {
+    // Checked by load_checkpoint; restated where memory depends on it.
+    const auto& shape = request.slot.shape;
+    if (shape.size() != 2 || request.rope_heads <= 0 || shape[0] % request.rope_heads != 0 ||
+        (shape[0] / request.rope_heads) % 2 != 0 || entry.shape != shape)
+      fail(ErrorKind::kCheckpoint, "tensor '", entry.name, "' of shape ", mc::shape_str(entry.shape),
+           " cannot be split into ", request.rope_heads, " heads of even size");
     std::vector<uint8_t> permuted(entry.nbytes);
     const size_t row_bytes = static_cast<size_t>(request.slot.shape[1]) * dtype_size(stored);
     permute_rows_to_half_rotation(raw.data(), permuted.data(), request.rope_heads,
@@ -234,6 +243,14 @@ void copy_into_target(const TensorIndex::Location& where, const WeightRequest& r
     raw.swap(permuted);
   }
   convert(raw.data(), stored, dst, target.dtype, static_cast<size_t>(count));
+}
+
+// Bytes of all weights of `config` in float32 (bounded configs cannot overflow this).
+int64_t weight_bytes_f32(const ModelConfig& c) {
+  const int64_t ffn = 3 * c.hidden_dim * c.dim * (c.is_moe() ? c.n_experts : 1) + (c.is_moe() ? c.n_experts * c.dim : 0);
+  const int64_t attention = 2 * c.q_dim() * c.dim + 2 * c.kv_dim() * c.dim;
+  const int64_t per_layer = attention + ffn + 2 * c.dim;
+  return 4 * (c.n_layers * per_layer + (c.tie_embeddings ? 1 : 2) * c.vocab_size * c.dim + c.dim);
 }
 
 }  // namespace
@@ -252,6 +269,13 @@ void allocate_weights(const std::vector<WeightSlot>& slots, DType dtype) {
 
 ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtype, const ProgressFn& progress) {
   config.validate();
+  // Random weights are written in full, so a model larger than the machine would be killed
+  // for memory halfway; say so up front instead.
+  const int64_t needed = weight_bytes_f32(config);
+  const int64_t physical = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGESIZE));
+  if (physical > 0 && needed > physical)
+    fail(ErrorKind::kOutOfMemory, "random float32 weights of this config need ", needed,
+         " bytes of host memory; this machine has ", physical);
   ModelWeights weights;
   std::vector<WeightSlot> slots = weight_slots(config, weights);
   allocate_weights(slots, dtype);

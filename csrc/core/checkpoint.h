@@ -51,8 +51,11 @@ struct Checkpoint {
 ModelConfig read_model_config(const std::string& model_dir);
 
 struct LoadOptions {
-  std::optional<DType> dtype;  // matrices converted to it; nullopt = kept as stored
-  bool use_mmap = true;        // whole tensors in their final form are views of the mapped file
+  std::optional<DType> dtype;  // weights converted to it; nullopt = kept as stored
+  // Whole tensors in their final form are views of the memory-mapped file (which must then not
+  // be modified or truncated while they live: SIGBUS or changed weights); false copies every
+  // tensor with pread (the file may change freely once the load returns).
+  bool use_mmap = true;
   ProgressFn progress;         // bytes of tensors loaded so far / in all
 };
 

@@ -1,5 +1,7 @@
 #include "core/config.h"
 
+#include <cmath>
+
 #include "core/error.h"
 #include "core/json.h"
 
@@ -85,34 +87,51 @@ const ModelFamily& model_family(const FieldReader& fields, const std::string& so
   return *family;
 }
 
+// Checks every field against its bound before anything is sized from it; `source` (a file, or
+// "config") starts each message.
+void check_config(const ModelConfig& c, const std::string& source) {
+  auto in_range = [&](int64_t value, const char* name, int64_t limit) {
+    if (value <= 0) fail(ErrorKind::kCheckpoint, source, ": ", name, " must be positive, got ", value);
+    if (value > limit)
+      fail(ErrorKind::kCheckpoint, source, ": ", name, " = ", value, " exceeds the limit of ", limit);
+  };
+  in_range(c.dim, "dim", ModelConfig::kMaxDim);
+  in_range(c.n_layers, "n_layers", ModelConfig::kMaxLayers);
+  in_range(c.n_heads, "n_heads", ModelConfig::kMaxHeads);
+  in_range(c.n_kv_heads, "n_kv_heads", ModelConfig::kMaxHeads);
+  in_range(c.head_dim, "head_dim", ModelConfig::kMaxHeadDim);
+  in_range(c.hidden_dim, "hidden_dim", ModelConfig::kMaxHiddenDim);
+  in_range(c.vocab_size, "vocab_size", ModelConfig::kMaxVocab);
+  in_range(c.max_seq_len, "max_seq_len", ModelConfig::kMaxSeqLen);
+  if (c.sliding_window) in_range(*c.sliding_window, "sliding_window", ModelConfig::kMaxSeqLen);
+  if (c.n_heads % c.n_kv_heads != 0)
+    fail(ErrorKind::kCheckpoint, source, ": n_heads (", c.n_heads, ") must be a multiple of n_kv_heads (",
+         c.n_kv_heads, ")");
+  if (c.head_dim % 2 != 0) fail(ErrorKind::kCheckpoint, source, ": head_dim must be even for RoPE, got ", c.head_dim);
+  if (!(c.norm_eps > 0) || !std::isfinite(c.norm_eps))
+    fail(ErrorKind::kCheckpoint, source, ": norm_eps must be positive and finite, got ", c.norm_eps);
+  if (!(c.rope_theta > 0) || !std::isfinite(c.rope_theta))
+    fail(ErrorKind::kCheckpoint, source, ": rope_theta must be positive and finite, got ", c.rope_theta);
+  if (c.n_experts < 0 || c.n_experts_per_tok < 0)
+    fail(ErrorKind::kCheckpoint, source, ": expert counts must not be negative");
+  if (c.n_experts_per_tok > ModelConfig::kMaxExperts)  // unused by dense models, bounded all the same
+    fail(ErrorKind::kCheckpoint, source, ": n_experts_per_tok = ", c.n_experts_per_tok, " exceeds the limit of ",
+         ModelConfig::kMaxExperts);
+  if (c.n_experts > 0) {
+    in_range(c.n_experts, "n_experts", ModelConfig::kMaxExperts);
+    // Both bounded above, so the product cannot overflow; it bounds the weight plan's size.
+    if (c.n_layers * c.n_experts > ModelConfig::kMaxLayerExperts)
+      fail(ErrorKind::kCheckpoint, source, ": n_layers * n_experts = ", c.n_layers * c.n_experts,
+           " exceeds the limit of ", ModelConfig::kMaxLayerExperts);
+    if (c.n_experts_per_tok == 0 || c.n_experts_per_tok > c.n_experts)
+      fail(ErrorKind::kCheckpoint, source, ": n_experts_per_tok (", c.n_experts_per_tok,
+           ") must be in 1..n_experts (", c.n_experts, ")");
+  }
+}
+
 }  // namespace
 
-void ModelConfig::validate() const {
-  auto positive = [](int64_t value, const char* name) {
-    if (value <= 0) fail(ErrorKind::kCheckpoint, "config: ", name, " must be positive, got ", value);
-  };
-  positive(dim, "dim");
-  positive(n_layers, "n_layers");
-  positive(n_heads, "n_heads");
-  positive(n_kv_heads, "n_kv_heads");
-  positive(head_dim, "head_dim");
-  positive(hidden_dim, "hidden_dim");
-  positive(vocab_size, "vocab_size");
-  positive(max_seq_len, "max_seq_len");
-  if (n_heads % n_kv_heads != 0)
-    fail(ErrorKind::kCheckpoint, "config: n_heads (", n_heads, ") must be a multiple of n_kv_heads (", n_kv_heads, ")");
-  if (head_dim % 2 != 0) fail(ErrorKind::kCheckpoint, "config: head_dim must be even for RoPE, got ", head_dim);
-  if (!(norm_eps > 0)) fail(ErrorKind::kCheckpoint, "config: norm_eps must be positive");
-  if (!(rope_theta > 0)) fail(ErrorKind::kCheckpoint, "config: rope_theta must be positive");
-  if (sliding_window && *sliding_window <= 0)
-    fail(ErrorKind::kCheckpoint, "config: sliding_window must be positive or null, got ", *sliding_window);
-  if (vocab_size > INT32_MAX) fail(ErrorKind::kCheckpoint, "config: vocab_size too large");
-  if (n_experts < 0 || n_experts_per_tok < 0)
-    fail(ErrorKind::kCheckpoint, "config: expert counts must not be negative");
-  if (n_experts > 0 && (n_experts_per_tok == 0 || n_experts_per_tok > n_experts))
-    fail(ErrorKind::kCheckpoint, "config: n_experts_per_tok (", n_experts_per_tok, ") must be in 1..n_experts (",
-         n_experts, ")");
-}
+void ModelConfig::validate() const { check_config(*this, "config"); }
 
 ModelConfig ModelConfig::preset(const std::string& name) {
   ModelConfig config;
@@ -179,7 +198,7 @@ ModelConfig ModelConfig::from_hf_json(const Json& json, const std::string& sourc
   config.n_experts = fields.int_or("num_local_experts", 0);
   config.n_experts_per_tok = config.n_experts > 0 ? fields.int_or("num_experts_per_tok", 2) : 0;
   if (const Json* tie = fields.present("tie_word_embeddings")) config.tie_embeddings = tie->boolean(fields.what("tie_word_embeddings"));
-  config.validate();
+  check_config(config, source);
   return config;
 }
 
@@ -203,7 +222,7 @@ ModelConfig ModelConfig::from_mistral_json(const Json& json, const std::string& 
     config.n_experts = moe_fields.required_int("num_experts");
     config.n_experts_per_tok = moe_fields.required_int("num_experts_per_tok");
   }
-  config.validate();
+  check_config(config, source);
   return config;
 }
 

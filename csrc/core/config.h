@@ -12,6 +12,19 @@ namespace mc {
 class Json;
 
 struct ModelConfig {
+  // Bounds every config is checked against before anything is allocated: generous (several
+  // times the largest published models) but small enough that no size computed from them
+  // overflows int64, and that a 1 KB config cannot plan gigabytes.
+  static constexpr int64_t kMaxDim = int64_t{1} << 16;           // dim
+  static constexpr int64_t kMaxLayers = 1024;                     // n_layers
+  static constexpr int64_t kMaxHeads = 1024;                      // n_heads, n_kv_heads
+  static constexpr int64_t kMaxHeadDim = 1024;                    // head_dim
+  static constexpr int64_t kMaxHiddenDim = int64_t{1} << 20;     // hidden_dim
+  static constexpr int64_t kMaxVocab = int64_t{1} << 24;         // vocab_size
+  static constexpr int64_t kMaxSeqLen = int64_t{1} << 24;        // max_seq_len, sliding_window
+  static constexpr int64_t kMaxExperts = 1024;                    // n_experts
+  static constexpr int64_t kMaxLayerExperts = int64_t{1} << 16;  // n_layers * n_experts
+
   int64_t dim = 0;         // residual width
   int64_t n_layers = 0;
   int64_t n_heads = 0;     // query heads
@@ -31,7 +44,7 @@ struct ModelConfig {
   int64_t q_dim() const { return n_heads * head_dim; }
   int64_t kv_dim() const { return n_kv_heads * head_dim; }
 
-  // Throws kCheckpoint naming the first inconsistent field.
+  // Throws kCheckpoint naming the first inconsistent or out-of-bounds field and its bound.
   void validate() const;
 
   // "mistral-7b-v0.1", "mistral-7b-v0.3", "mixtral-8x7b": the published shapes, for benchmarks

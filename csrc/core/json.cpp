@@ -253,8 +253,9 @@ double Json::number(const std::string& what) const {
 
 int64_t Json::integer(const std::string& what) const {
   require_type(*this, Type::kNumber, what);
-  if (number_ != std::floor(number_) || std::fabs(number_) > 9007199254740992.0)
-    fail(ErrorKind::kCheckpoint, what, " must be an integer, got ", number_);
+  if (number_ != std::floor(number_)) fail(ErrorKind::kCheckpoint, what, " must be an integer, got ", number_);
+  if (std::fabs(number_) > 9007199254740992.0)
+    fail(ErrorKind::kCheckpoint, what, " is too large: ", number_, " is past 2^53, where doubles stop being exact integers");
   return static_cast<int64_t>(number_);
 }
 

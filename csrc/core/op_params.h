@@ -261,7 +261,8 @@ struct CopyBlocksParams {
 // penalties (repetition on prompt and output tokens: positive logits divided, negative
 // multiplied; presence and frequency on output counts), then greedy argmax (temperature 0), or
 // temperature, min-p, top-k, top-p in sequence and a Gumbel-max draw keyed by
-// (seed, stream, position) (sampling_noise below). Logprobs come from the raw logits.
+// (seed, stream, position) (sampling_noise below). Logprobs come from the raw logits, over
+// the ids below vocab_limit.
 struct SamplingControls {
   float temperature = 1.0f;  // 0 = greedy
   int32_t top_k = 0;         // 0 = off

@@ -7,8 +7,10 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 
+#include "core/checked_math.h"
 #include "core/error.h"
 #include "core/json.h"
 
@@ -16,6 +18,7 @@ namespace mc {
 namespace {
 
 constexpr uint64_t kMaxHeaderBytes = 100ull << 20;  // the format's own reader caps it likewise
+constexpr int64_t kMaxElements = int64_t{1} << 48;  // per tensor; far above any real weight
 
 // Element size of every dtype the safetensors format defines; 0 = unknown.
 size_t element_size(const std::string& name) {
@@ -111,13 +114,17 @@ void SafetensorsFile::parse_header() {
     if (elem == 0) fail(ErrorKind::kCheckpoint, what, " has unknown dtype '", entry.dtype_name, "'");
     entry.dtype = float_dtype(entry.dtype_name);
 
-    uint64_t numel = 1;
+    // Checked at every factor, so no order of extents can wrap the count (2^48 * 2^16 = 0).
+    int64_t numel = 1;
     for (const Json& extent : shape->array(what + " shape")) {
       int64_t n = extent.integer(what + " shape entry");
       if (n < 0) fail(ErrorKind::kCheckpoint, what, " has a negative shape entry");
       entry.shape.push_back(n);
-      numel *= static_cast<uint64_t>(n);
-      if (numel > (1ull << 48)) fail(ErrorKind::kCheckpoint, what, " shape is implausibly large");
+      const std::optional<int64_t> product = checked_product({numel, n});
+      if (n > kMaxElements || !product || *product > kMaxElements)
+        fail(ErrorKind::kCheckpoint, what, " shape is implausibly large: more than 2^48 elements (",
+             shape_str(entry.shape), " and on; the product would overflow)");
+      numel = *product;
     }
     const auto& range = offsets->array(what + " data_offsets");
     if (range.size() != 2) fail(ErrorKind::kCheckpoint, what, " data_offsets must be [begin, end]");
@@ -126,9 +133,16 @@ void SafetensorsFile::parse_header() {
     if (begin < 0 || end < begin || static_cast<uint64_t>(end) > data_size_)
       fail(ErrorKind::kCheckpoint, what, " data_offsets [", begin, ", ", end, "] out of range: the file holds ",
            data_size_, " bytes of data (truncated?)");
-    if (static_cast<uint64_t>(end - begin) != numel * elem)
+    const int64_t nbytes = numel * static_cast<int64_t>(elem);  // <= 2^51: cannot overflow
+    if (end - begin != nbytes)
       fail(ErrorKind::kCheckpoint, what, " data_offsets span ", end - begin, " bytes but dtype ", entry.dtype_name,
-           " and shape ", shape_str(entry.shape), " need ", numel * elem);
+           " and shape ", shape_str(entry.shape), " need ", nbytes);
+    // The mapping starts page-aligned, so the file offset decides the alignment of the data.
+    const uint64_t file_offset = 8 + header_len + static_cast<uint64_t>(begin);
+    if (nbytes > 0 && file_offset % elem != 0)
+      fail(ErrorKind::kCheckpoint, what, " is misaligned: its data starts at file byte ", file_offset,
+           ", not a multiple of its ", elem, "-byte element size (data_offsets or the header length are not",
+           " aligned)");
     entry.offset = static_cast<size_t>(begin);
     entry.nbytes = static_cast<size_t>(end - begin);
     auto inserted = entries_.emplace(name, std::move(entry));

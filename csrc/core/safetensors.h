@@ -1,8 +1,16 @@
-// Memory-mapped reader of the safetensors format:
+// Reader of the safetensors format:
 //   [u64 little-endian header length N][N bytes of JSON header][data]
 // The header maps each tensor name to {"dtype", "shape", "data_offsets": [begin, end]}, offsets
-// relative to the start of the data. Everything is validated when the file is opened, so a
-// truncated or corrupt file is an error naming the problem, never an out-of-bounds read.
+// relative to the start of the data. Everything is validated when the file is opened (shape
+// products checked for overflow, offsets in range, non-overlapping and aligned to the element
+// size), so a truncated or corrupt file is an error naming the problem, never an
+// out-of-bounds or misaligned read.
+//
+// The file is memory-mapped: views share the page cache, and the file must then not be modified
+// or truncated while a view is alive (a truncated mapping raises SIGBUS on access, an
+// overwritten one changes the weights). read_into() copies a tensor with pread instead, never
+// through the mapping: a loader that copies every tensor (LoadOptions::use_mmap = false) keeps
+// no view, and the file may change freely once the load returns.
 #pragma once
 
 #include <cstddef>

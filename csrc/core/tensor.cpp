@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "core/checked_math.h"
 #include "core/error.h"
 
 namespace mc {
@@ -17,7 +18,12 @@ Tensor Tensor::empty(DType dtype, std::vector<int64_t> shape) {
   Tensor tensor;
   tensor.dtype = dtype;
   tensor.shape = std::move(shape);
-  size_t bytes = tensor.nbytes();
+  const std::optional<int64_t> bytes_signed =
+      checked_product({checked_product(tensor.shape).value_or(-1), static_cast<int64_t>(dtype_size(dtype))});
+  if (!bytes_signed)
+    fail(ErrorKind::kOutOfMemory, "cannot allocate a tensor of shape ", tensor.shape_str(),
+         ": its size overflows (negative or absurdly large extents)");
+  const auto bytes = static_cast<size_t>(*bytes_signed);
   // calloc takes large blocks straight from fresh zeroed pages, so untouched memory (most of a
   // big KV pool) costs nothing until it is written.
   void* memory = std::calloc(bytes == 0 ? 1 : bytes, 1);

@@ -86,7 +86,8 @@ int32_t draw(const SampleParams& p, int32_t r, float* x, int32_t* order) {
 void logprobs(const SampleParams& p, int32_t r, int32_t token, int32_t* order) {
   const SamplingControls& c = p.controls[r];
   const float* raw = p.logits + static_cast<int64_t>(r) * p.vocab;
-  const int32_t V = p.vocab;
+  // The raw distribution over the ids that exist for the tokenizer (vocab_limit truncates).
+  const int32_t V = c.vocab_limit > 0 && c.vocab_limit < p.vocab ? c.vocab_limit : p.vocab;
   const double top = raw[argmax(raw, V)];
   double sum = 0.0;
   for (int32_t i = 0; i < V; ++i) sum += std::exp(static_cast<double>(raw[i]) - top);

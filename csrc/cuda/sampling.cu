@@ -181,17 +181,18 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
   if (threadIdx.x == 0) p.tokens[r] = token;
   if (c.n_logprobs < 0) return;
 
-  // ---- logprobs of the raw distribution ----
+  // ---- logprobs of the raw distribution, over the ids below vocab_limit ----
+  const int VL = c.vocab_limit > 0 && c.vocab_limit < V ? c.vocab_limit : V;
   Best top{0.0, -1};
-  for (int i = threadIdx.x; i < V; i += kThreads) top = better(top, Best{static_cast<double>(raw[i]), i});
+  for (int i = threadIdx.x; i < VL; i += kThreads) top = better(top, Best{static_cast<double>(raw[i]), i});
   top = block_best(top, bests);
   double sum = 0.0;
-  for (int i = threadIdx.x; i < V; i += kThreads) sum += exp(static_cast<double>(raw[i]) - top.value);
+  for (int i = threadIdx.x; i < VL; i += kThreads) sum += exp(static_cast<double>(raw[i]) - top.value);
   sum = block_sum(sum, sums);
   const double log_norm = top.value + log(sum);
   const float chosen = raw[token];
   int larger = 0;
-  for (int i = threadIdx.x; i < V; i += kThreads) larger += raw[i] > chosen;
+  for (int i = threadIdx.x; i < VL; i += kThreads) larger += raw[i] > chosen;
   for (int offset = 16; offset > 0; offset /= 2) larger += __shfl_xor_sync(0xffffffffu, larger, offset);
   __syncthreads();
   if (threadIdx.x % 32 == 0) counts[threadIdx.x / 32] = larger;
@@ -203,7 +204,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
     p.token_logprobs[r] = static_cast<float>(static_cast<double>(chosen) - log_norm);
   }
   // Top n by raw logit (ties to the lower id): n rounds, each below the previous in that order.
-  const int n = min(max(c.n_logprobs, 0), min(p.max_logprobs, V));
+  const int n = min(max(c.n_logprobs, 0), min(p.max_logprobs, VL));
   double previous = INFINITY;
   int previous_id = -1;
   for (int j = 0; j < p.max_logprobs; ++j) {
@@ -216,7 +217,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
       continue;
     }
     Best best{0.0, -1};
-    for (int i = threadIdx.x; i < V; i += kThreads) {
+    for (int i = threadIdx.x; i < VL; i += kThreads) {
       const double v = raw[i];
       if (v < previous || (v == previous && i > previous_id)) best = better(best, Best{v, i});
     }

@@ -63,12 +63,13 @@ void register_errors(py::module_& m) {
         case mc::ErrorKind::kOutOfMemory: type = PyExc_MemoryError; break;
         case mc::ErrorKind::kUnsupported: type = error_types.unsupported; break;
       }
-      // Messages can quote bytes from a file: decode them leniently so the typed exception,
-      // not a UnicodeDecodeError, reaches Python.
+      // Messages quote file contents (tensor names, dtypes), which need not be UTF-8.
       const std::string message = e.what();
       PyObject* text = PyUnicode_DecodeUTF8(message.data(), static_cast<Py_ssize_t>(message.size()), "replace");
-      PyErr_SetObject(type, text);
-      Py_XDECREF(text);
+      if (text != nullptr) {  // else decoding failed and set its own error (MemoryError)
+        PyErr_SetObject(type, text);
+        Py_DECREF(text);
+      }
     }
   });
 }
@@ -314,6 +315,7 @@ PYBIND11_MODULE(_C, m) {
           },
           "One iteration: [(request_id, token, logprob, rank, top, finish_reason, stop_token), ...]")
       .def("has_unfinished", &mc::Scheduler::has_unfinished)
+      .def_property_readonly("next_request_id", &mc::Scheduler::next_request_id)
       .def_property_readonly("num_running", &mc::Scheduler::num_running)
       .def_property_readonly("num_waiting", &mc::Scheduler::num_waiting)
       .def_property_readonly("stats", [](const mc::Scheduler& s) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <set>
 
+#include "core/checked_math.h"
 #include "core/error.h"
 #include "cpu/cpu_backend.h"
 #include "cuda/cuda_backend.h"
@@ -86,9 +87,11 @@ int64_t Model::default_num_blocks(const ModelConfig& config, int32_t block_size,
   const int64_t per_sequence = config.sliding_window
                                    ? KvLayout::ring_blocks_for(*config.sliding_window, block_size)
                                    : (config.max_seq_len + block_size - 1) / block_size;
-  const int64_t bytes_per_block =
-      config.n_layers * 2 * block_size * config.kv_dim() * static_cast<int64_t>(dtype_size(kv_dtype));
-  const int64_t budget_blocks = (int64_t{8} << 30) / bytes_per_block;
+  const std::optional<int64_t> bytes_per_block = checked_product(
+      {config.n_layers, 2, block_size, config.n_kv_heads, config.head_dim, static_cast<int64_t>(dtype_size(kv_dtype))});
+  if (!bytes_per_block || *bytes_per_block == 0)
+    fail(ErrorKind::kInvalidRequest, "a KV-cache block of this config has no valid size (validate() the config)");
+  const int64_t budget_blocks = (int64_t{8} << 30) / *bytes_per_block;
   return std::max<int64_t>(per_sequence, std::min<int64_t>(4 * per_sequence, budget_blocks));
 }
 

@@ -74,6 +74,9 @@ class Scheduler {
   std::vector<RequestUpdate> step();
 
   bool has_unfinished() const { return !running_.empty() || !waiting_.empty(); }
+  // The id the next request will get (ids count up, never reused): a caller can record its
+  // requests before add() returns, so an interruption right after cannot lose them.
+  uint64_t next_request_id() const { return next_id_; }
   size_t num_running() const { return running_.size(); }
   size_t num_waiting() const { return waiting_.size(); }
   const SchedulerStats& stats() const { return stats_; }
