@@ -58,7 +58,7 @@ inline void write_file(const std::string& path, const uint8_t* data, size_t size
 // Reads every element of a float tensor, so a view past its memory or misaligned data is caught.
 inline float touch(const mc::Tensor& tensor) {
   std::vector<float> values(static_cast<size_t>(tensor.numel()));
-  mc::convert_to_f32(tensor.data, tensor.dtype, values.size(), values.data());
+  mc::convert(tensor.data, tensor.dtype, values.data(), mc::DType::kF32, values.size());
   float sum = 0;
   for (float value : values) sum += value;
   return sum;
