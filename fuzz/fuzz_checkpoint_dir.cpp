@@ -2,7 +2,7 @@
 // directory (fuzz/make_corpus.py writes seeds in this form):
 //   [flags u8] bit 0: Mistral layout (params.json + consolidated.safetensors), else Hugging
 //              Face; bit 1: HF sharded (model.safetensors.index.json + the one shard it should
-//              name); bit 2: read into private memory instead of mmap
+//              name); bit 2: copy every tensor (no mmap views); bit 3: convert to float32
 //   [u16 LE n][n bytes: config.json or params.json]
 //   [u16 LE m][m bytes: the index]   (sharded only)
 //   [the rest: the safetensors file]
