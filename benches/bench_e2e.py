@@ -135,7 +135,9 @@ def run_engine(mc, cfg, args) -> dict:
     num_blocks = max_batch * math.ceil(per_seq / args.block_size) + math.ceil((args.ttft_len + 1) / args.block_size) + 64
     res = {"decode": {}, "ttft_ms": None, "errors": []}
     engine = mc.Engine.from_config(
-        cfg, device="cuda", dtype="bfloat16", seed=args.seed, block_size=args.block_size, num_blocks=num_blocks
+        cfg, device="cuda", dtype="bfloat16", seed=args.seed, block_size=args.block_size, num_blocks=num_blocks,
+        # One forward pass per timed step: the pass limits (workspaces) hold the largest step.
+        max_num_seqs=max_batch, max_num_batched_tokens=max(2048, args.ttft_len + 1, max_batch),
     )
     try:
         free, total = torch.cuda.mem_get_info()

@@ -248,7 +248,8 @@ def run_decode(mc, args, copy_bw: float, failed: list):
     rows = []
     try:
         engine = mc.Engine.from_config(cfg, device="cuda", dtype="bfloat16", seed=args.seed,
-                                       block_size=args.block_size, num_blocks=num_blocks)
+                                       block_size=args.block_size, num_blocks=num_blocks,
+                                       max_num_seqs=max(args.batches), max_num_batched_tokens=max(2048, max(args.batches)))
     except Exception as e:
         print(f"decode: Engine.from_config FAILED: {type(e).__name__}: {e}")
         failed.append(f"decode engine: {type(e).__name__}: {e}")

@@ -245,12 +245,13 @@ void copy_into_target(const TensorIndex::Location& where, const WeightRequest& r
   convert(raw.data(), stored, dst, target.dtype, static_cast<size_t>(count));
 }
 
-// Bytes of all weights of `config` in float32 (bounded configs cannot overflow this).
-int64_t weight_bytes_f32(const ModelConfig& c) {
+// Bytes of all weights of `config` as `dtype` (bounded configs cannot overflow this).
+int64_t weight_bytes(const ModelConfig& c, DType dtype) {
   const int64_t ffn = 3 * c.hidden_dim * c.dim * (c.is_moe() ? c.n_experts : 1) + (c.is_moe() ? c.n_experts * c.dim : 0);
   const int64_t attention = 2 * c.q_dim() * c.dim + 2 * c.kv_dim() * c.dim;
   const int64_t per_layer = attention + ffn + 2 * c.dim;
-  return 4 * (c.n_layers * per_layer + (c.tie_embeddings ? 1 : 2) * c.vocab_size * c.dim + c.dim);
+  return static_cast<int64_t>(dtype_size(dtype)) *
+         (c.n_layers * per_layer + (c.tie_embeddings ? 1 : 2) * c.vocab_size * c.dim + c.dim);
 }
 
 }  // namespace
@@ -271,10 +272,10 @@ ModelWeights random_weights(const ModelConfig& config, uint64_t seed, DType dtyp
   config.validate();
   // Random weights are written in full, so a model larger than the machine would be killed
   // for memory halfway; say so up front instead.
-  const int64_t needed = weight_bytes_f32(config);
+  const int64_t needed = weight_bytes(config, dtype);
   const int64_t physical = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGESIZE));
   if (physical > 0 && needed > physical)
-    fail(ErrorKind::kOutOfMemory, "random float32 weights of this config need ", needed,
+    fail(ErrorKind::kOutOfMemory, "random ", dtype_name(dtype), " weights of this config need ", needed,
          " bytes of host memory; this machine has ", physical);
   ModelWeights weights;
   std::vector<WeightSlot> slots = weight_slots(config, weights);
