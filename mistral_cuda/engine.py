@@ -78,6 +78,7 @@ class Engine:
         max_batch_size: int = 64,
         prefill_chunk: int = 512,
         mmap: bool = True,
+        quantization: Optional[str] = None,
     ) -> "Engine":
         """Loads a Hugging Face (config.json) or Mistral consolidated (params.json) directory.
 
@@ -87,6 +88,11 @@ class Engine:
         (default) or float16, for weights and activations (float32 residual stream).
         mmap: tensors already in their final form are views of the memory-mapped files (the
         files must then stay unchanged while the model is loaded); False copies every weight.
+        quantization: None keeps the layer matrices as stored; "int8" (per output channel,
+        symmetric) or "int4" (groups of 128 inputs, with zero points) quantizes them at load
+        (CPU). AWQ and GPTQ 4-bit checkpoints are detected from config.json and load as they
+        are (leave quantization None). Embeddings, norms, the LM head and the router stay float,
+        in `dtype`. engine.quantization names the loaded format.
 
         block_size: tokens per KV-cache block. num_blocks: blocks in the KV pool (default: room
         for four full-length sequences, capped near 8 GiB). progress: show a progress bar.
@@ -108,6 +114,7 @@ class Engine:
 
         try:
             options = _model_options(device, dtype, block_size, num_blocks, mmap)
+            options.quantization = quantization
             options.progress = report
             model = _C.Model.load(os.fspath(model_dir), options)
         finally:
@@ -129,12 +136,16 @@ class Engine:
         block_size: int = 16,
         num_blocks: Optional[int] = None,
         tokenizer: Union[None, str, os.PathLike, Tokenizer] = None,
+        quantization: Optional[str] = None,
     ) -> "Engine":
         """A model of `config` (e.g. ModelConfig.preset("mistral-7b-v0.1")) with random weights
         drawn from `seed` directly on the device: for benchmarks without a checkpoint. The same
-        seed gives the same weights on the CPU and on CUDA (up to the dtype's rounding)."""
+        seed gives the same weights on the CPU and on CUDA (up to the dtype's rounding).
+        quantization: None, "int8" or "int4" (CPU), as in from_pretrained."""
         _prepare_device(device)
-        model = _C.Model.from_config(config, seed, _model_options(device, dtype, block_size, num_blocks, True))
+        options = _model_options(device, dtype, block_size, num_blocks, True)
+        options.quantization = quantization
+        model = _C.Model.from_config(config, seed, options)
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_file(tokenizer)
         return cls(model, tokenizer)
@@ -150,6 +161,11 @@ class Engine:
     @property
     def device(self) -> str:
         return self._model.device
+
+    @property
+    def quantization(self) -> Optional[str]:
+        """How the layer matrices are held: "awq", "gptq", "int8", "int4", or None (float)."""
+        return self._model.quantization
 
     @property
     def tokenizer(self) -> Optional[Tokenizer]:

@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "core/json.h"
+#include "core/packed_checkpoint.h"
 #include "core/random.h"
 #include "core/safetensors.h"
 
@@ -236,7 +237,58 @@ void copy_into_target(const TensorIndex::Location& where, const WeightRequest& r
   convert(raw.data(), stored, dst, target.dtype, static_cast<size_t>(count));
 }
 
+// The quantized form of each layer matrix a slot can target (wqkv -> wqkv_q, ...), for the
+// packed (AWQ/GPTQ) pieces and quantize-on-load.
+std::map<const Tensor*, QuantizedMatrix*> quantized_targets(ModelWeights& w) {
+  std::map<const Tensor*, QuantizedMatrix*> targets;
+  for (LayerWeights& layer : w.layers) {
+    targets[&layer.wqkv] = &layer.wqkv_q;
+    targets[&layer.wo] = &layer.wo_q;
+    targets[&layer.w13] = &layer.w13_q;
+    targets[&layer.w2] = &layer.w2_q;
+  }
+  return targets;
+}
+
+RawTensorReader raw_reader(const TensorIndex& index) {
+  return [&index](const std::string& name) -> std::optional<RawTensor> {
+    const TensorIndex::Location* where = index.find(name);
+    if (!where) return std::nullopt;
+    RawTensor raw{where->entry->dtype_name, where->entry->shape, std::vector<uint8_t>(where->entry->nbytes)};
+    where->file->read_into(*where->entry, raw.bytes.data());
+    return raw;
+  };
+}
+
+// The slot's piece of its stacked target as a packed module: its name without ".weight", and
+// its rows' place in the stack ([rows, cols] or [count, rows, cols]).
+PackedPiece packed_piece(const WeightSlot& slot, QuantizedMatrix* target) {
+  PackedPiece piece;
+  piece.module = slot.name.substr(0, slot.name.size() - std::string(".weight").size());
+  piece.rows = slot.shape[0];
+  piece.cols = slot.shape[1];
+  piece.target = target;
+  const std::vector<int64_t>& stack = slot.target_shape;
+  piece.target_count = stack.size() == 3 ? stack[0] : 1;
+  piece.target_rows = stack[stack.size() - 2];
+  const int64_t row = slot.offset / piece.cols;
+  piece.index = row / piece.target_rows;
+  piece.row0 = row % piece.target_rows;
+  return piece;
+}
+
 }  // namespace
+
+void quantize_layers(ModelWeights& weights, WeightFormat format, int32_t group_size) {
+  for (LayerWeights& layer : weights.layers) {
+    for (auto [dense, quantized] : {std::pair{&layer.wqkv, &layer.wqkv_q}, std::pair{&layer.wo, &layer.wo_q},
+                                    std::pair{&layer.w13, &layer.w13_q}, std::pair{&layer.w2, &layer.w2_q}}) {
+      *quantized = quantize(*dense, format, group_size);
+      *dense = Tensor();
+    }
+  }
+  weights.quantization = weight_format_name(format);
+}
 
 std::vector<WeightSlot> weight_slots(const ModelConfig& config, ModelWeights& weights) {
   std::vector<WeightSlot> slots;
@@ -281,9 +333,36 @@ Checkpoint load_checkpoint(const std::string& model_dir, const LoadOptions& opti
   Checkpoint checkpoint;
   checkpoint.layout = detect_layout(model_dir);
   checkpoint.config = read_config(model_dir, checkpoint.layout);
+  std::optional<PackedQuantization> packed;
+  if (checkpoint.layout == CheckpointLayout::kHuggingFace)
+    packed = packed_quantization(read_json(model_dir + "/config.json"), model_dir + "/config.json");
+  if (packed && options.quantize)
+    fail(ErrorKind::kInvalidRequest, model_dir, " is already quantized (", packed->name(), "); load it without ",
+         "quantization='", weight_format_name(*options.quantize), "'");
   TensorIndex index = checkpoint.layout == CheckpointLayout::kHuggingFace ? open_hf_files(model_dir)
                                                                             : open_mistral_files(model_dir);
   std::vector<WeightRequest> plan = plan_weights(checkpoint.config, checkpoint.layout, checkpoint.weights);
+  if (packed) {
+    // Packed layer matrices are decoded (and checked) piece by piece; the rest loads as usual.
+    const std::map<const Tensor*, QuantizedMatrix*> targets = quantized_targets(checkpoint.weights);
+    const RawTensorReader read = raw_reader(index);
+    std::vector<WeightRequest> float_plan;
+    for (WeightRequest& request : plan) {
+      auto target = targets.find(request.slot.target);
+      if (target == targets.end()) {
+        float_plan.push_back(std::move(request));
+        continue;
+      }
+      try {
+        read_packed_piece(*packed, read, packed_piece(request.slot, target->second));
+      } catch (const Error& e) {
+        fail(e.kind(), model_dir, ": ", e.what());
+      }
+    }
+    for (const auto& [dense, quantized] : targets) drop_identity_col_perm(*quantized);
+    plan = std::move(float_plan);
+    checkpoint.weights.quantization = packed->name();
+  }
 
   // Check every tensor's presence, dtype and shape before allocating or converting anything.
   int64_t total_bytes = 0;
@@ -320,6 +399,7 @@ Checkpoint load_checkpoint(const std::string& model_dir, const LoadOptions& opti
     if (options.progress) options.progress(done_bytes, total_bytes);
   }
   if (checkpoint.config.tie_embeddings) checkpoint.weights.output = checkpoint.weights.tok_embeddings;
+  if (options.quantize) quantize_layers(checkpoint.weights, *options.quantize, options.group_size);
   return checkpoint;
 }
 

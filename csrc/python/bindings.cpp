@@ -205,6 +205,16 @@ PYBIND11_MODULE(_C, m) {
           [](mc::ModelOptions& o, std::optional<std::string> name) {
             o.dtype = name ? std::optional<mc::DType>(mc::parse_dtype(*name)) : std::nullopt;
           })
+      .def_property(
+          "quantization",
+          [](const mc::ModelOptions& o) -> std::optional<std::string> {
+            if (!o.quantization) return std::nullopt;
+            return std::string(mc::weight_format_name(*o.quantization));
+          },
+          [](mc::ModelOptions& o, std::optional<std::string> name) {
+            o.quantization = name ? std::optional<mc::WeightFormat>(mc::parse_quantization(*name)) : std::nullopt;
+          },
+          "None | 'int8' | 'int4': quantize the layer matrices at load")
       .def_readwrite("block_size", &mc::ModelOptions::block_size)
       .def_readwrite("num_blocks", &mc::ModelOptions::num_blocks)
       .def_readwrite("mmap", &mc::ModelOptions::use_mmap)
@@ -222,6 +232,11 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("config", [](const mc::Model& m) { return FrozenModelConfig(m.config()); })
       .def_property_readonly("device", &mc::Model::device)
       .def_property_readonly("dtype", [](const mc::Model& m) { return std::string(mc::dtype_name(m.dtype())); })
+      .def_property_readonly("quantization",
+                             [](const mc::Model& m) -> std::optional<std::string> {
+                               if (m.quantization().empty()) return std::nullopt;
+                               return m.quantization();
+                             })
       .def_property_readonly("block_size", &mc::Model::block_size)
       .def_property_readonly("num_blocks", &mc::Model::num_blocks)
       .def_property_readonly("free_blocks", &mc::Model::free_blocks)

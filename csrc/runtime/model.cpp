@@ -127,12 +127,18 @@ std::unique_ptr<Model> Model::load(const std::string& model_dir, const ModelOpti
     load.dtype = options.dtype;  // the CPU converts while it reads; CUDA converts on the device
     load.progress = options.progress;
   }
+  load.quantize = options.quantization;
   Checkpoint checkpoint = load_checkpoint(model_dir, load);
-  const DType dtype = device == "cpu" ? checkpoint.weights.layers.at(0).wqkv.dtype : cuda_dtype(options.dtype);
+  // The CUDA backend places only float matrices until its linear/moe dispatch the int formats.
+  if (device == "cuda" && !checkpoint.weights.quantization.empty())
+    fail(ErrorKind::kUnsupported, "quantized weights (", checkpoint.weights.quantization,
+         ") are not yet placed on the CUDA backend; use device='cpu'");
+  const DType dtype = device == "cpu" ? checkpoint.weights.float_dtype() : cuda_dtype(options.dtype);
   std::unique_ptr<Model> model = prepare(checkpoint.config, options, dtype);
   ModelWeights weights = model->backend_->place_weights(
       checkpoint.config, std::move(checkpoint.weights), device == "cpu" ? std::nullopt : std::optional<DType>(dtype),
       device == "cpu" ? ProgressFn() : options.progress);
+  model->quantization_ = weights.quantization;
   model->start(std::move(weights), options);
   return model;
 }
@@ -141,8 +147,13 @@ std::unique_ptr<Model> Model::from_config(const ModelConfig& config, uint64_t se
   config.validate();
   const std::string device = resolve_device(options.device);
   const DType dtype = device == "cpu" ? options.dtype.value_or(DType::kF32) : cuda_dtype(options.dtype);
+  if (options.quantization && device != "cpu")
+    fail(ErrorKind::kUnsupported, "quantized weights are not yet placed on the CUDA backend; use device='cpu'");
   std::unique_ptr<Model> model = prepare(config, options, dtype);
-  model->start(model->backend_->random_weights(config, seed, dtype), options);
+  ModelWeights weights = model->backend_->random_weights(config, seed, dtype);
+  if (options.quantization) quantize_layers(weights, *options.quantization, kDefaultInt4GroupSize);
+  model->quantization_ = weights.quantization;
+  model->start(std::move(weights), options);
   return model;
 }
 
