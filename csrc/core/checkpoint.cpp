@@ -279,14 +279,16 @@ PackedPiece packed_piece(const WeightSlot& slot, QuantizedMatrix* target) {
 
 }  // namespace
 
-void quantize_layers(ModelWeights& weights, WeightFormat format, int32_t group_size) {
-  for (LayerWeights& layer : weights.layers) {
-    for (auto [dense, quantized] : {std::pair{&layer.wqkv, &layer.wqkv_q}, std::pair{&layer.wo, &layer.wo_q},
-                                    std::pair{&layer.w13, &layer.w13_q}, std::pair{&layer.w2, &layer.w2_q}}) {
-      *quantized = quantize(*dense, format, group_size);
-      *dense = Tensor();
-    }
+void quantize_layer(LayerWeights& layer, WeightFormat format, int32_t group_size) {
+  for (auto [dense, quantized] : {std::pair{&layer.wqkv, &layer.wqkv_q}, std::pair{&layer.wo, &layer.wo_q},
+                                  std::pair{&layer.w13, &layer.w13_q}, std::pair{&layer.w2, &layer.w2_q}}) {
+    *quantized = quantize(*dense, format, group_size);
+    *dense = Tensor();
   }
+}
+
+void quantize_layers(ModelWeights& weights, WeightFormat format, int32_t group_size) {
+  for (LayerWeights& layer : weights.layers) quantize_layer(layer, format, group_size);
   weights.quantization = weight_format_name(format);
 }
 
@@ -382,24 +384,43 @@ Checkpoint load_checkpoint(const std::string& model_dir, const LoadOptions& opti
     sources.push_back(where);
   }
 
+  // Quantize-on-load works layer by layer, as soon as a layer's last tensor is in: only one
+  // layer is ever held in float. Its matrices are copied, not mapped, so that their float pages
+  // leave memory once quantized.
+  std::map<const Tensor*, int64_t> layer_of;
+  std::vector<size_t> last_request(checkpoint.weights.layers.size(), 0);
+  if (options.quantize) {
+    for (size_t l = 0; l < checkpoint.weights.layers.size(); ++l) {
+      LayerWeights& layer = checkpoint.weights.layers[l];
+      for (const Tensor* t : {&layer.wqkv, &layer.wo, &layer.w13, &layer.w2}) layer_of[t] = static_cast<int64_t>(l);
+    }
+    for (size_t i = 0; i < plan.size(); ++i)
+      if (auto it = layer_of.find(plan[i].slot.target); it != layer_of.end()) last_request[it->second] = i;
+  }
+
   int64_t done_bytes = 0;
   for (size_t i = 0; i < plan.size(); ++i) {
     const WeightRequest& request = plan[i];
     const SafetensorsEntry& entry = *sources[i]->entry;
     const DType dtype = options.dtype.value_or(*entry.dtype);
     Tensor& target = *request.slot.target;
-    if (options.use_mmap && request.slot.whole() && request.rows == RowOrder::kAsStored && dtype == *entry.dtype) {
+    const auto layer = layer_of.find(&target);
+    const bool quantized_later = layer != layer_of.end();
+    if (options.use_mmap && !quantized_later && request.slot.whole() && request.rows == RowOrder::kAsStored &&
+        dtype == *entry.dtype) {
       target = sources[i]->file->view(entry);
     } else {
       // A stacked tensor takes the dtype of its first piece (or the requested one).
       if (!target.defined()) target = Tensor::empty(dtype, request.slot.target_shape);
       copy_into_target(*sources[i], request);
     }
+    if (quantized_later && last_request[layer->second] == i)
+      quantize_layer(checkpoint.weights.layers[layer->second], *options.quantize, options.group_size);
     done_bytes += static_cast<int64_t>(entry.nbytes);
     if (options.progress) options.progress(done_bytes, total_bytes);
   }
   if (checkpoint.config.tie_embeddings) checkpoint.weights.output = checkpoint.weights.tok_embeddings;
-  if (options.quantize) quantize_layers(checkpoint.weights, *options.quantize, options.group_size);
+  if (options.quantize) checkpoint.weights.quantization = weight_format_name(*options.quantize);
   return checkpoint;
 }
 
