@@ -1,5 +1,7 @@
 #include "cpu/dense_ops.h"
 
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -115,8 +117,28 @@ void linear_as(const float* x, const typename W::Elem* w, float* y, int64_t T, i
 // multiply-adds as the float formats (so results match the dequantized float matrix up to f32
 // summation order). Row r of the tile starts at row pointer w + r * row_bytes.
 
-using I8Vec = int8_t __attribute__((vector_size(kLanes)));
-using U8Vec = uint8_t __attribute__((vector_size(kLanes)));
+using I32Vec = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// kLanes bytes widened to int32 lanes (vpmovsxbd / vpmovzxbd) with intrinsics: the compiler
+// scalarizes a generic byte-vector conversion. (GCC 12's avx512fintrin.h trips
+// -Wmaybe-uninitialized on its own _mm512_undefined_epi32 inside these.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+inline I32Vec widen_signed_bytes(const void* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<I32Vec>(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
+#else
+  return reinterpret_cast<I32Vec>(_mm256_cvtepi8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p))));
+#endif
+}
+inline I32Vec widen_unsigned_bytes(const void* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<I32Vec>(_mm512_cvtepu8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
+#else
+  return reinterpret_cast<I32Vec>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p))));
+#endif
+}
+#pragma GCC diagnostic pop
 
 inline Vec splat(float value) { return Vec{} + value; }
 
@@ -137,9 +159,7 @@ inline void dot_tile_int8(const float* x, const Int8Rows& w, int64_t n, float* y
     Vec xv[kTok];
     for (int t = 0; t < kTok; ++t) xv[t] = load(x + t * K + k);
     for (int r = 0; r < kRows; ++r) {
-      I8Vec raw;
-      std::memcpy(&raw, w.data + (n + r) * K + k, sizeof(I8Vec));
-      const Vec wv = __builtin_convertvector(raw, Vec) * scale[r];
+      const Vec wv = __builtin_convertvector(widen_signed_bytes(w.data + (n + r) * K + k), Vec) * scale[r];
       for (int t = 0; t < kTok; ++t) acc[r][t] += wv * xv[t];
     }
   }
@@ -180,10 +200,9 @@ inline void dot_tile_int4(const float* x, const Int4Rows& w, int64_t n, float* y
           hi_x[t] = load(x + t * K + block + 16 + half);
         }
         for (int r = 0; r < kRows; ++r) {
-          U8Vec raw;
-          std::memcpy(&raw, w.data + (n + r) * (K / 2) + block / 2 + half, sizeof(U8Vec));
-          const Vec lo = (__builtin_convertvector(raw & 0x0F, Vec) - zero[r]) * scale[r];
-          const Vec hi = (__builtin_convertvector(raw >> 4, Vec) - zero[r]) * scale[r];
+          const I32Vec wide = widen_unsigned_bytes(w.data + (n + r) * (K / 2) + block / 2 + half);
+          const Vec lo = (__builtin_convertvector(wide & 0x0F, Vec) - zero[r]) * scale[r];
+          const Vec hi = (__builtin_convertvector(wide >> 4, Vec) - zero[r]) * scale[r];
           for (int t = 0; t < kTok; ++t) acc[r][t] += lo * lo_x[t] + hi * hi_x[t];
         }
       }

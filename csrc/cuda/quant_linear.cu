@@ -141,8 +141,11 @@ __global__ void __launch_bounds__(kThreads) quant_gemv_kernel(const T* __restric
   for (int t = 0; t < kTok; ++t) x_rows[t] = x + static_cast<int64_t>(t < n_tok ? t : 0) * m.cols;
   float acc[kTok];
   warp_dot<T, F, kTok>(m, n, x_rows, n_tok, acc);
-  if (threadIdx.x % 32 == 0)
-    for (int t = 0; t < n_tok; ++t) y[static_cast<int64_t>(t) * m.rows + n] = from_float<Out>(acc[t]);
+  if (threadIdx.x % 32 == 0) {
+#pragma unroll
+    for (int t = 0; t < kTok; ++t)
+      if (t < n_tok) y[static_cast<int64_t>(t) * m.rows + n] = from_float<Out>(acc[t]);
+  }
 }
 
 // x_perm[t, k] = x[t, perm[k]]: the inputs in the stored (act-order regrouped) column order.
@@ -296,9 +299,12 @@ __global__ void __launch_bounds__(kThreads) quant_moe_gate_up_kernel(const T* __
     float gate[kTok], up[kTok];
     warp_dot<T, F, kTok>(w13, e * F2 + f, x_rows, n_tok, gate);
     warp_dot<T, F, kTok>(w13, e * F2 + Fh + f, x_rows, n_tok, up);
-    if (threadIdx.x % 32 == 0)
-      for (int j = 0; j < n_tok; ++j)
-        act[static_cast<int64_t>(chunk + j) * Fh + f] = from_float<T>(gate[j] / (1.0f + expf(-gate[j])) * up[j]);
+    if (threadIdx.x % 32 == 0) {
+#pragma unroll
+      for (int j = 0; j < kTok; ++j)
+        if (j < n_tok)
+          act[static_cast<int64_t>(chunk + j) * Fh + f] = from_float<T>(gate[j] / (1.0f + expf(-gate[j])) * up[j]);
+    }
   }
 }
 
@@ -322,11 +328,14 @@ __global__ void __launch_bounds__(kThreads) quant_moe_down_kernel(const T* __res
     for (int j = 0; j < kTok; ++j) x_rows[j] = act + static_cast<int64_t>(chunk + (j < n_tok ? j : 0)) * Fh;
     float out[kTok];
     warp_dot<T, F, kTok>(w2, e * D + d, x_rows, n_tok, out);
-    if (threadIdx.x % 32 == 0)
-      for (int j = 0; j < n_tok; ++j) {
-        const int32_t pair = pairs[chunk + j];
-        atomicAdd(residual + static_cast<int64_t>(pair / top_k) * D + d, weights[pair] * out[j]);
-      }
+    if (threadIdx.x % 32 == 0) {
+#pragma unroll
+      for (int j = 0; j < kTok; ++j)
+        if (j < n_tok) {
+          const int32_t pair = pairs[chunk + j];
+          atomicAdd(residual + static_cast<int64_t>(pair / top_k) * D + d, weights[pair] * out[j]);
+        }
+    }
   }
 }
 
