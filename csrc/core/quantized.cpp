@@ -109,28 +109,6 @@ QuantizedMatrix quantize(const Tensor& matrix, WeightFormat format, int32_t grou
   return out;
 }
 
-void dequantize(const WeightRef& w, float* out) {
-  const int64_t rows = w.count * w.rows, K = w.cols, G = w.groups();
-  for (int64_t r = 0; r < rows; ++r) {
-    const auto* row = static_cast<const uint8_t*>(w.data) + r * w.row_bytes();
-    float* dst = out + r * K;
-    if (w.format == WeightFormat::kInt8) {
-      const float s = static_cast<const float*>(w.scales)[r];
-      for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(reinterpret_cast<const int8_t*>(row)[k]) * s;
-    } else if (w.format == WeightFormat::kInt4) {
-      const float* s = static_cast<const float*>(w.scales) + r * G;
-      const float* z = static_cast<const float*>(w.zeros) + r * G;
-      const int32_t* perm = w.col_perm ? w.col_perm + (r / w.rows) * K : nullptr;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t g = k / w.group_size;
-        dst[perm ? perm[k] : k] = (static_cast<float>(get_int4(row, k)) - z[g]) * s[g];
-      }
-    } else {
-      convert(row, dtype_of(w.format), dst, DType::kF32, static_cast<size_t>(K));
-    }
-  }
-}
-
 WeightFormat parse_quantization(const std::string& name) {
   if (name == "int8") return WeightFormat::kInt8;
   if (name == "int4") return WeightFormat::kInt4;

@@ -53,9 +53,6 @@ inline uint8_t get_int4(const uint8_t* row, int64_t k) {
 // `group_size`); throws kUnsupported when cols does not fit the format.
 QuantizedMatrix quantize(const Tensor& matrix, WeightFormat format, int32_t group_size);
 
-// Every element of `w` in float32 ([count, rows, cols], stored column order undone).
-void dequantize(const WeightRef& w, float* out);
-
 // "int8" | "int4" -> the format; throws kInvalidRequest naming anything else.
 WeightFormat parse_quantization(const std::string& name);
 

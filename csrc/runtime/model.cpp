@@ -121,6 +121,8 @@ std::unique_ptr<Model> Model::load(const std::string& model_dir, const ModelOpti
   // Device and options are checked before the (possibly long) weight load.
   const std::string device = resolve_device(options.device);
   if (device == "cuda") cuda_dtype(options.dtype);
+  if (device == "cuda" && options.quantization)
+    fail(ErrorKind::kUnsupported, "quantized weights are not yet placed on the CUDA backend; use device='cpu'");
   LoadOptions load;
   load.use_mmap = options.use_mmap;
   if (device == "cpu") {
