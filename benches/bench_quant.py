@@ -6,7 +6,9 @@ memory of each (every configuration runs in a process of its own, so its peak RS
     python benches/bench_quant.py --checkpoint DIR     # any bf16 Hugging Face checkpoint
     python benches/bench_quant.py --threads 2 --tokens 32 --json out.json
 
-Ours: Engine.from_pretrained(DIR, quantization=None | "int8" | "int4"), an 8-token prompt, two
+Ours: Engine.from_pretrained(DIR, quantization=None | "int8" | "int4"), and the int8 / int4 rows
+again with quantize_activations=True ("+qa": int8 activations, integer dot products, as
+llama.cpp computes its Q8_0 / Q4_0 rows), an 8-token prompt, two
 warm-up tokens, then --tokens greedy decode steps of one token, timed. llama.cpp (when
 `bash benches/setup_llama_cpp.sh` has built it; benches/llama_cpp_peer.py): llama-bench -p 0
 -n --tokens on GGUFs from its converter and llama-quantize. Both use --threads threads.
@@ -28,7 +30,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-OURS = [("bf16", None), ("int8", "int8"), ("int4", "int4")]
+# (row name, quantization, quantize_activations): the fast mode is reported on rows of its own.
+OURS = [("bf16", None, False), ("int8", "int8", False), ("int4", "int4", False), ("int8+qa", "int8", True),
+        ("int4+qa", "int4", True)]
 PEERS = ["f16", "q8_0", "q4_0"]
 SHAPE_1B = dict(dim=2048, n_layers=20, n_heads=16, n_kv_heads=8, hidden_dim=5632, vocab_size=32000, sliding_window=4096)
 
@@ -43,14 +47,16 @@ def worker(args) -> None:
     quantization = None if args.quantization == "none" else args.quantization
     start = time.perf_counter()
     if args.checkpoint:
-        engine = mc.Engine.from_pretrained(args.checkpoint, quantization=quantization, progress=False)
+        engine = mc.Engine.from_pretrained(args.checkpoint, quantization=quantization,
+                                           quantize_activations=args.quantize_activations, progress=False)
     else:
         config = mc.ModelConfig()
         for field, value in SHAPE_1B.items():
             setattr(config, field, value)
         config.head_dim = config.dim // config.n_heads
         config.max_seq_len = 4096
-        engine = mc.Engine.from_config(config, dtype="bfloat16", quantization=quantization)
+        engine = mc.Engine.from_config(config, dtype="bfloat16", quantization=quantization,
+                                       quantize_activations=args.quantize_activations)
     load_s = time.perf_counter() - start
     m = engine.model
     seq = m.add_sequence()
@@ -65,9 +71,11 @@ def worker(args) -> None:
                       "finite": bool(torch.isfinite(logits).all())}))
 
 
-def run_ours(checkpoint, quantization, threads: int, tokens: int) -> dict:
+def run_ours(checkpoint, quantization, quantize_activations: bool, threads: int, tokens: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--quantization", quantization or "none", "--threads", str(threads),
            "--tokens", str(tokens)]
+    if quantize_activations:
+        cmd.append("--quantize-activations")
     if checkpoint:
         cmd += ["--checkpoint", str(checkpoint)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -92,6 +100,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--quantization", default="none", help=argparse.SUPPRESS)
+    p.add_argument("--quantize-activations", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -106,10 +115,10 @@ def main() -> None:
             print("benches/models.py not found: our rows use Engine.from_config's random 1B model; no llama.cpp rows")
     print(f"model: {checkpoint or 'from_config 1B'}, threads {args.threads}, {args.tokens} decode tokens, batch 1")
     rows = []
-    for name, quantization in OURS:
-        r = run_ours(checkpoint, quantization, args.threads, args.tokens)
+    for name, quantization, quantize_activations in OURS:
+        r = run_ours(checkpoint, quantization, quantize_activations, args.threads, args.tokens)
         rows.append({"engine": "mistral_cuda", "weights": name, **r})
-        print(f"  mistral_cuda {name:5s} {r['tok_s']:7.2f} tok/s  peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB"
+        print(f"  mistral_cuda {name:7s} {r['tok_s']:7.2f} tok/s  peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB"
               f"  (load {r['load_s']:.1f} s)", flush=True)
     if checkpoint is not None:
         try:
@@ -123,7 +132,7 @@ def main() -> None:
         for weight_type in PEERS if ok else []:
             r = lcp.decode_benchmark(lcp.gguf_for(checkpoint, weight_type), n_tokens=args.tokens, threads=args.threads)
             rows.append({"engine": "llama.cpp", "weights": weight_type, **r})
-            print(f"  llama.cpp    {weight_type:5s} {r['tok_s']:7.2f} tok/s  peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB"
+            print(f"  llama.cpp    {weight_type:7s} {r['tok_s']:7.2f} tok/s  peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB"
                   f"  (± {r['tok_s_stddev']:.2f})", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

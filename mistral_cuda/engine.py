@@ -79,6 +79,7 @@ class Engine:
         prefill_chunk: int = 512,
         mmap: bool = True,
         quantization: Optional[str] = None,
+        quantize_activations: bool = False,
     ) -> "Engine":
         """Loads a Hugging Face (config.json) or Mistral consolidated (params.json) directory.
 
@@ -92,7 +93,9 @@ class Engine:
         symmetric) or "int4" (groups of 128 inputs, with zero points) quantizes them at load
         (CPU). AWQ and GPTQ 4-bit checkpoints are detected from config.json and load as they
         are (leave quantization None). Embeddings, norms, the LM head and the router stay float,
-        in `dtype`. engine.quantization names the loaded format.
+        in `dtype`. engine.quantization names the loaded format. quantize_activations=True
+        (CPU, quantized weights only) is the fast mode: activations are quantized to int8 per
+        row and multiplied in integer arithmetic (llama.cpp's approach), at some accuracy cost.
 
         block_size: tokens per KV-cache block. num_blocks: blocks in the KV pool (default: room
         for four full-length sequences, capped near 8 GiB). progress: show a progress bar.
@@ -115,6 +118,7 @@ class Engine:
         try:
             options = _model_options(device, dtype, block_size, num_blocks, mmap)
             options.quantization = quantization
+            options.quantize_activations = bool(quantize_activations)
             options.progress = report
             model = _C.Model.load(os.fspath(model_dir), options)
         finally:
@@ -137,14 +141,16 @@ class Engine:
         num_blocks: Optional[int] = None,
         tokenizer: Union[None, str, os.PathLike, Tokenizer] = None,
         quantization: Optional[str] = None,
+        quantize_activations: bool = False,
     ) -> "Engine":
         """A model of `config` (e.g. ModelConfig.preset("mistral-7b-v0.1")) with random weights
         drawn from `seed` directly on the device: for benchmarks without a checkpoint. The same
         seed gives the same weights on the CPU and on CUDA (up to the dtype's rounding).
-        quantization: None, "int8" or "int4" (CPU), as in from_pretrained."""
+        quantization (None, "int8" or "int4") and quantize_activations: as in from_pretrained (CPU)."""
         _prepare_device(device)
         options = _model_options(device, dtype, block_size, num_blocks, True)
         options.quantization = quantization
+        options.quantize_activations = bool(quantize_activations)
         model = _C.Model.from_config(config, seed, options)
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_file(tokenizer)

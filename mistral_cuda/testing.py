@@ -450,13 +450,16 @@ class QuantizedWeight:
     (stored column k holds input column col_perm[k]).
     """
 
-    def __init__(self, format: str, shape, data, scales, zeros=None, group_size: int = 0, col_perm=None):
+    def __init__(self, format: str, shape, data, scales, zeros=None, group_size: int = 0, col_perm=None,
+                 quantize_activations: bool = False):
         if format not in ("int8", "int4"):
             raise ValueError(f"format must be 'int8' or 'int4', got {format!r}")
         self.format = format
         self.shape = tuple(int(s) for s in shape)
         self.data, self.scales, self.zeros, self.col_perm = data, scales, zeros, col_perm
         self.group_size = int(group_size)
+        # CPU fast mode: x quantized to int8 per row, integer dot products (cpu/quantized_activations.h).
+        self.quantize_activations = bool(quantize_activations)
         lead = self.shape[:-1]
         N, K = self.shape[-2:]
         expect = {"data": (data, lead + ((K,) if format == "int8" else (K // 2,)), torch.int8 if format == "int8" else torch.uint8)}
@@ -481,7 +484,11 @@ class QuantizedWeight:
     def to(self, device) -> "QuantizedWeight":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return QuantizedWeight(self.format, self.shape, move(self.data), move(self.scales), move(self.zeros),
-                               self.group_size, move(self.col_perm))
+                               self.group_size, move(self.col_perm), self.quantize_activations)
+
+    def with_quantized_activations(self, on: bool = True) -> "QuantizedWeight":
+        return QuantizedWeight(self.format, self.shape, self.data, self.scales, self.zeros, self.group_size,
+                               self.col_perm, on)
 
 
 def quantize(w: torch.Tensor, format: str, group_size: int = 128) -> QuantizedWeight:

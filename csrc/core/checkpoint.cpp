@@ -292,6 +292,14 @@ void quantize_layers(ModelWeights& weights, WeightFormat format, int32_t group_s
   weights.quantization = weight_format_name(format);
 }
 
+void set_quantize_activations(ModelWeights& weights, bool on) {
+  if (on && weights.quantization.empty())
+    fail(ErrorKind::kInvalidRequest, "quantize_activations needs quantized weights (quantization='int8' or 'int4', ",
+         "or an AWQ / GPTQ checkpoint)");
+  for (LayerWeights& layer : weights.layers)
+    for (QuantizedMatrix* m : {&layer.wqkv_q, &layer.wo_q, &layer.w13_q, &layer.w2_q}) m->quantize_activations = on;
+}
+
 std::vector<WeightSlot> weight_slots(const ModelConfig& config, ModelWeights& weights) {
   std::vector<WeightSlot> slots;
   for (WeightRequest& request : plan_weights(config, CheckpointLayout::kHuggingFace, weights))
@@ -421,6 +429,7 @@ Checkpoint load_checkpoint(const std::string& model_dir, const LoadOptions& opti
   }
   if (checkpoint.config.tie_embeddings) checkpoint.weights.output = checkpoint.weights.tok_embeddings;
   if (options.quantize) checkpoint.weights.quantization = weight_format_name(*options.quantize);
+  set_quantize_activations(checkpoint.weights, options.quantize_activations);
   return checkpoint;
 }
 

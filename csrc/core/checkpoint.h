@@ -72,6 +72,7 @@ struct LoadOptions {
   // already in AWQ or GPTQ form is read as int4 whatever this says (quantizing it is refused).
   std::optional<WeightFormat> quantize;
   int32_t group_size = kDefaultInt4GroupSize;
+  bool quantize_activations = false;  // the CPU fast mode of the quantized matrices (WeightRef)
   bool use_mmap = true;        // whole tensors in their final form are views of the mapped file
   ProgressFn progress;         // bytes of tensors loaded so far / in all
 };
@@ -82,6 +83,9 @@ Checkpoint load_checkpoint(const std::string& model_dir, const LoadOptions& opti
 
 // Quantizes every layer matrix (wqkv, wo, w13, w2) into its *_q form, dropping the float one.
 void quantize_layers(ModelWeights& weights, WeightFormat format, int32_t group_size);
+// Turns the CPU fast mode (WeightRef::quantize_activations) of every quantized layer matrix on
+// or off; throws kInvalidRequest when turning it on for float weights.
+void set_quantize_activations(ModelWeights& weights, bool on);
 
 // Every checkpoint tensor of a model: Hugging Face name, shape, and where it goes: `target`
 // (a tensor of `target_shape`) from element `offset` on. Stacked tensors have several slots.

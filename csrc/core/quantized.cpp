@@ -73,6 +73,7 @@ WeightRef QuantizedMatrix::ref() const {
   ref.zeros = zeros.get();
   ref.group_size = group_size;
   ref.col_perm = static_cast<const int32_t*>(col_perm.get());
+  ref.quantize_activations = quantize_activations;
   return ref;
 }
 

@@ -25,6 +25,7 @@ struct QuantizedMatrix {
   int64_t count = 1, rows = 0, cols = 0;
   int32_t group_size = 0;
   std::shared_ptr<void> data, scales, zeros, col_perm;  // see WeightRef; col_perm may stay null
+  bool quantize_activations = false;                    // see WeightRef
 
   // Zero-filled storage for `format` (col_perm only with `with_col_perm`).
   static QuantizedMatrix allocate(WeightFormat format, int64_t count, int64_t rows, int64_t cols, int32_t group_size,

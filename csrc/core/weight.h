@@ -73,6 +73,9 @@ struct WeightRef {
   // int4 only, or null: [count, cols] input column of each stored column (GPTQ act-order
   // regrouped at load), so y[r] = Σ_k w[r, k] · x[col_perm[k]].
   const int32_t* col_perm = nullptr;
+  // Quantized formats, CPU: the opt-in fast mode that quantizes activations to int8 per row and
+  // uses integer dot products (cpu/quantized_activations.h); false = exact dequantization.
+  bool quantize_activations = false;
 
   // A float matrix [rows, cols] or a stack [count, rows, cols] held by `tensor`.
   static WeightRef of(const Tensor& tensor) {

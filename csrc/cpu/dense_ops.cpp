@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "cpu/quantized_activations.h"
 
 namespace mc::cpu {
 namespace {
@@ -241,6 +242,7 @@ void linear_rows(const float* x, const Rows& w, float* y, int64_t T, int64_t N) 
 }
 
 void linear_int8(const float* x, const WeightRef& w, float* y, int64_t T) {
+  if (w.quantize_activations && supports_quantized_activations(w)) return linear_quantized_activations(x, w, y, T);
   const Int8Rows rows{static_cast<const int8_t*>(w.data), static_cast<const float*>(w.scales), w.cols};
   linear_rows<Int8Rows, dot_tile_int8<4, 2>, dot_tile_int8<4, 1>, dot_tile_int8<1, 1>>(x, rows, y, T, w.rows);
 }
@@ -257,6 +259,7 @@ void linear_int4(const float* x, const WeightRef& w, float* y, int64_t T) {
       for (int64_t k = 0; k < w.cols; ++k) permuted[t * w.cols + k] = x[t * w.cols + w.col_perm[k]];
     x = permuted.data();
   }
+  if (w.quantize_activations && supports_quantized_activations(w)) return linear_quantized_activations(x, w, y, T);
   const Int4Rows rows{static_cast<const uint8_t*>(w.data), static_cast<const float*>(w.scales),
                       static_cast<const float*>(w.zeros), w.cols, w.group_size};
   linear_rows<Int4Rows, dot_tile_int4<4, 2>, dot_tile_int4<4, 1>, dot_tile_int4<1, 1>>(x, rows, y, T, w.rows);

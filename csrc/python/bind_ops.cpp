@@ -75,6 +75,7 @@ mc::WeightRef weight_ref(py::handle w, const char* name) {
   ref.zeros = optional_data(w.attr("zeros"), "zeros");
   ref.col_perm = static_cast<const int32_t*>(optional_data(w.attr("col_perm"), "col_perm"));
   ref.group_size = w.attr("group_size").cast<int32_t>();
+  ref.quantize_activations = py::getattr(w, "quantize_activations", py::bool_(false)).cast<bool>();
   return ref;
 }
 

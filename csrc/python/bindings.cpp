@@ -215,6 +215,7 @@ PYBIND11_MODULE(_C, m) {
             o.quantization = name ? std::optional<mc::WeightFormat>(mc::parse_quantization(*name)) : std::nullopt;
           },
           "None | 'int8' | 'int4': quantize the layer matrices at load")
+      .def_readwrite("quantize_activations", &mc::ModelOptions::quantize_activations)
       .def_readwrite("block_size", &mc::ModelOptions::block_size)
       .def_readwrite("num_blocks", &mc::ModelOptions::num_blocks)
       .def_readwrite("mmap", &mc::ModelOptions::use_mmap)

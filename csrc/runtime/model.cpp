@@ -130,6 +130,7 @@ std::unique_ptr<Model> Model::load(const std::string& model_dir, const ModelOpti
     load.progress = options.progress;
   }
   load.quantize = options.quantization;
+  load.quantize_activations = options.quantize_activations;
   Checkpoint checkpoint = load_checkpoint(model_dir, load);
   // The CUDA backend places only float matrices until its linear/moe dispatch the int formats.
   if (device == "cuda" && !checkpoint.weights.quantization.empty())
@@ -154,6 +155,7 @@ std::unique_ptr<Model> Model::from_config(const ModelConfig& config, uint64_t se
   std::unique_ptr<Model> model = prepare(config, options, dtype);
   ModelWeights weights = model->backend_->random_weights(config, seed, dtype);
   if (options.quantization) quantize_layers(weights, *options.quantization, kDefaultInt4GroupSize);
+  set_quantize_activations(weights, options.quantize_activations);
   model->quantization_ = weights.quantization;
   model->start(std::move(weights), options);
   return model;

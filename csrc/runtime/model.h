@@ -27,6 +27,7 @@ struct ModelOptions {
   // Quantize-on-load of the layer matrices (core/quantized.h): kInt8, or kInt4 in groups of
   // kDefaultInt4GroupSize; nullopt keeps them as stored (AWQ/GPTQ checkpoints load as int4).
   std::optional<WeightFormat> quantization;
+  bool quantize_activations = false;  // CPU fast mode of quantized weights (cpu/quantized_activations.h)
   int32_t block_size = 16;
   int64_t num_blocks = 0;       // 0 = default_num_blocks()
   bool use_mmap = true;         // see LoadOptions
