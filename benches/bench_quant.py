@@ -14,6 +14,14 @@ warm-up tokens, then --tokens greedy decode steps of one token, timed. llama.cpp
 -n --tokens on GGUFs from its converter and llama-quantize. Both use --threads threads.
 Without benches/models.py the model is Engine.from_config's random model of the same shape
 (and no llama.cpp row, which needs a checkpoint).
+
+    python benches/bench_quant.py --gpu                # GPU: the quantized GEMV kernels alone
+
+--gpu times the CUDA quantized linear (csrc/cuda/quant_linear.cu) at 1 and 16 tokens on
+Mistral-7B's matrix shapes and prints GB/s of packed weights read over the measured
+device-to-device copy bandwidth (the roofline of a kernel that reads each byte once). Calls
+go through mistral_cuda.testing, which synchronizes around each op, so the times include a
+few microseconds of synchronization: a lower bound on the kernels' GB/s.
 """
 
 from __future__ import annotations
@@ -92,18 +100,53 @@ def run_ours(checkpoint, quantization, quantize_activations: bool, threads: int,
     return result
 
 
+def gpu_gemv() -> None:
+    import torch
+
+    from mistral_cuda import testing as ops
+
+    def timed(fn, reps: int = 50) -> float:
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps / 1e3
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.numel() / timed(lambda: dst.copy_(src), 20) / 1e9  # read + write
+    print(f"device copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
+    shapes = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336)}
+    for fmt in ("int8", "int4"):
+        for name, (N, K) in shapes.items():
+            qw = ops.quantize(torch.randn(N, K) * 0.02, fmt).to("cuda")
+            nbytes = qw.data.numel() + qw.scales.numel() * 4 + (qw.zeros.numel() * 4 if qw.zeros is not None else 0)
+            for T in (1, 16):
+                x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+                seconds = timed(lambda: ops.quantized_linear(x, qw))
+                gbs = nbytes / seconds / 1e9
+                print(f"  {fmt} {name:5s} {N}x{K} T={T:2d}: {seconds * 1e6:7.1f} us  {gbs:6.0f} GB/s"
+                      f"  ({gbs / copy_gbs:.0%} of copy)", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, default=None, help="bf16 HF checkpoint (default: the ~1B random one)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--gpu", action="store_true", help="time the CUDA quantized GEMV kernels instead")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--quantization", default="none", help=argparse.SUPPRESS)
     p.add_argument("--quantize-activations", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.gpu:
+        return gpu_gemv()
 
     checkpoint = args.checkpoint
     if checkpoint is None:
