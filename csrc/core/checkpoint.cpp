@@ -277,8 +277,7 @@ PackedPiece packed_piece(const WeightSlot& slot, QuantizedMatrix* target) {
   return piece;
 }
 
-}  // namespace
-
+// The layer's four matrices quantized, their float forms dropped.
 void quantize_layer(LayerWeights& layer, WeightFormat format, int32_t group_size) {
   for (auto [dense, quantized] : {std::pair{&layer.wqkv, &layer.wqkv_q}, std::pair{&layer.wo, &layer.wo_q},
                                   std::pair{&layer.w13, &layer.w13_q}, std::pair{&layer.w2, &layer.w2_q}}) {
@@ -286,6 +285,8 @@ void quantize_layer(LayerWeights& layer, WeightFormat format, int32_t group_size
     *dense = Tensor();
   }
 }
+
+}  // namespace
 
 void quantize_layers(ModelWeights& weights, WeightFormat format, int32_t group_size) {
   for (LayerWeights& layer : weights.layers) quantize_layer(layer, format, group_size);

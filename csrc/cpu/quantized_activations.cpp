@@ -75,28 +75,42 @@ int64_t dot_int8(const int8_t* w, const int16_t* x, int64_t K) {
   return sum;
 }
 
-// Σ_k q[k] · qx[k] over one group of `chunks` 128-column chunks, as float lanes to be scaled.
-float dot_int4_group(const uint8_t* w, const int8_t* x, int64_t chunks) {
+// Σ_g s[g] · (Σ_{k in g} q[k] · qx[k] − z[g] · Σ_{k in g} qx[k]) over one int4 row: per group
+// the integer products go to int32 lanes (vpdpbusd: 4 unsigned nibbles x 4 signed bytes per
+// lane), which are scaled into float lanes; one horizontal sum per row.
+float dot_int4_row(const uint8_t* w, const QuantizedRow& x, const float* s, const float* z, int64_t groups,
+                   int64_t G) {
+  const int64_t chunks = G / kInt4Chunk;
+  float zero_term = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) zero_term += s[g] * z[g] * static_cast<float>(x.group_sums[g]);
   if constexpr (kVnni) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     const __m512i nibble = _mm512_set1_epi8(0x0F);
-    __m512i acc = _mm512_setzero_si512();
-    for (int64_t c = 0; c < chunks; ++c) {
-      const __m512i packed = _mm512_loadu_si512(w + c * 64);
-      const __m512i lo = _mm512_and_si512(packed, nibble);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
-      acc = _mm512_dpbusd_epi32(acc, lo, _mm512_loadu_si512(x + c * kInt4Chunk));
-      acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(x + c * kInt4Chunk + 64));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512i acc = _mm512_setzero_si512();
+      for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
+        const __m512i packed = _mm512_loadu_si512(w + c * 64);
+        const __m512i lo = _mm512_and_si512(packed, nibble);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+        acc = _mm512_dpbusd_epi32(acc, lo, _mm512_loadu_si512(x.chunked.data() + c * kInt4Chunk));
+        acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(x.chunked.data() + c * kInt4Chunk + 64));
+      }
+      sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(s[g]), sum);
     }
-    return static_cast<float>(_mm512_reduce_add_epi32(acc));
+    return _mm512_reduce_add_ps(sum) - zero_term;
 #endif
   }
-  int32_t sum = 0;
-  for (int64_t j = 0; j < chunks * 64; ++j) {
-    const int64_t c = j / 64, b = j % 64;
-    sum += (w[j] & 0x0F) * x[c * kInt4Chunk + b] + (w[j] >> 4) * x[c * kInt4Chunk + 64 + b];
+  float sum = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    int32_t dot = 0;
+    for (int64_t j = g * chunks * 64; j < (g + 1) * chunks * 64; ++j) {
+      const int64_t c = j / 64, b = j % 64;
+      dot += (w[j] & 0x0F) * x.chunked[c * kInt4Chunk + b] + (w[j] >> 4) * x.chunked[c * kInt4Chunk + 64 + b];
+    }
+    sum += s[g] * static_cast<float>(dot);
   }
-  return static_cast<float>(sum);
+  return sum - zero_term;
 }
 
 }  // namespace
@@ -129,15 +143,7 @@ void linear_quantized_activations(const float* x, const WeightRef& w, float* y, 
     const uint8_t* row = q + n * (K / 2);
     const float* s = scales + n * groups;
     const float* z = zeros + n * groups;
-    for (int64_t t = 0; t < T; ++t) {
-      const QuantizedRow& xr = rows[t];
-      float sum = 0.0f;
-      for (int64_t g = 0; g < groups; ++g) {
-        const float dot = dot_int4_group(row + g * G / 2, xr.chunked.data() + g * G, G / kInt4Chunk);
-        sum += s[g] * (dot - z[g] * static_cast<float>(xr.group_sums[g]));
-      }
-      y[t * N + n] = xr.scale * sum;
-    }
+    for (int64_t t = 0; t < T; ++t) y[t * N + n] = rows[t].scale * dot_int4_row(row, rows[t], s, z, groups, G);
   }
 }
 
