@@ -157,26 +157,31 @@ def main() -> None:
         except ImportError:
             print("benches/models.py not found: our rows use Engine.from_config's random 1B model; no llama.cpp rows")
     print(f"model: {checkpoint or 'from_config 1B'}, threads {args.threads}, {args.tokens} decode tokens, batch 1")
-    rows = []
-    for name, quantization, quantize_activations in OURS:
-        r = run_ours(checkpoint, quantization, quantize_activations, args.threads, args.tokens)
-        rows.append({"engine": "mistral_cuda", "weights": name, **r})
-        print(f"  mistral_cuda {name:7s} {r['tok_s']:7.2f} tok/s  peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB"
-              f"  (load {r['load_s']:.1f} s)", flush=True)
+    peer = None
     if checkpoint is not None:
         try:
-            import llama_cpp_peer as lcp
+            import llama_cpp_peer as peer
 
-            ok, why = lcp.available()
+            ok, why = peer.available()
         except ImportError:
             ok, why = False, "benches/llama_cpp_peer.py not found"
         if not ok:
             print(f"  llama.cpp: skipped ({why})")
-        for weight_type in PEERS if ok else []:
-            r = lcp.decode_benchmark(lcp.gguf_for(checkpoint, weight_type), n_tokens=args.tokens, threads=args.threads)
-            rows.append({"engine": "llama.cpp", "weights": weight_type, **r})
-            print(f"  llama.cpp    {weight_type:7s} {r['tok_s']:7.2f} tok/s  peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB"
-                  f"  (± {r['tok_s_stddev']:.2f})", flush=True)
+            peer = None
+    # Each width's rows run back to back (ours, then llama.cpp's), so a change in machine load
+    # over the run biases no engine.
+    rows = []
+    for (name, quantization, quantize_activations), weight_type in zip(OURS, PEERS + [None, None]):
+        r = run_ours(checkpoint, quantization, quantize_activations, args.threads, args.tokens)
+        rows.append({"engine": "mistral_cuda", "weights": name, **r})
+        print(f"  mistral_cuda {name:7s} {r['tok_s']:7.2f} tok/s  peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB"
+              f"  (load {r['load_s']:.1f} s)", flush=True)
+        if peer is None or weight_type is None:
+            continue
+        r = peer.decode_benchmark(peer.gguf_for(checkpoint, weight_type), n_tokens=args.tokens, threads=args.threads)
+        rows.append({"engine": "llama.cpp", "weights": weight_type, **r})
+        print(f"  llama.cpp    {weight_type:7s} {r['tok_s']:7.2f} tok/s  peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB"
+              f"  (± {r['tok_s_stddev']:.2f})", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
