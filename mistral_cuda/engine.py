@@ -221,6 +221,8 @@ class Engine:
         max_num_batched_tokens: int = 2048,
         mmap: bool = True,
         check_memory: bool = True,
+        quantization: Optional[str] = None,
+        quantize_activations: bool = False,
         max_batch_size: Optional[int] = None,
         prefill_chunk: Optional[int] = None,
     ) -> "Engine":
@@ -232,6 +234,13 @@ class Engine:
         (default) or float16, for weights and activations (float32 residual stream).
         mmap: tensors already in their final form are views of the memory-mapped files (the
         files must then stay unchanged while the model is loaded); False copies every weight.
+        quantization: None keeps the layer matrices as stored; "int8" (per output channel,
+        symmetric) or "int4" (groups of 128 inputs, with zero points) quantizes them at load
+        (CPU). AWQ and GPTQ 4-bit checkpoints are detected from config.json and load as they
+        are (leave quantization None). Embeddings, norms, the LM head and the router stay float,
+        in `dtype`. engine.quantization names the loaded format. quantize_activations=True
+        (CPU, quantized weights only) is the fast mode: activations are quantized to int8 per
+        row and multiplied in integer arithmetic (llama.cpp's approach), at some accuracy cost.
 
         block_size: tokens per KV-cache block. num_blocks: blocks in the KV pool (default: room
         for four full-length sequences, capped near 8 GiB). progress: show a progress bar.
@@ -260,6 +269,8 @@ class Engine:
         bar = _LoadingBar("Loading weights", progress)
         try:
             options = _model_options(device, dtype, block_size, num_blocks, mmap, limits)
+            options.quantization = quantization
+            options.quantize_activations = bool(quantize_activations)
             options.progress = bar
             model = _C.Model.load(os.fspath(model_dir), options)
         finally:
@@ -285,11 +296,14 @@ class Engine:
         check_memory: bool = True,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
+        quantization: Optional[str] = None,
+        quantize_activations: bool = False,
     ) -> "Engine":
         """A model of `config` (e.g. ModelConfig.preset("mistral-7b-v0.1")) with random weights
         drawn from `seed` directly on the device: for benchmarks without a checkpoint. The same
         seed gives the same weights on the CPU and on CUDA (up to the dtype's rounding).
-        progress and check_memory as in from_pretrained (the CPU reports drawing progress)."""
+        progress and check_memory as in from_pretrained (the CPU reports drawing progress);
+        quantization (None, "int8" or "int4") and quantize_activations: as in from_pretrained (CPU)."""
         if not isinstance(config, _C.ModelConfig):
             raise TypeError(f"config must be a mistral_cuda.ModelConfig, got {type(config).__name__}")
         config.validate()
@@ -301,6 +315,8 @@ class Engine:
         bar = _LoadingBar("Drawing random weights", progress)
         try:
             options = _model_options(device, dtype, block_size, num_blocks, True, limits)
+            options.quantization = quantization
+            options.quantize_activations = bool(quantize_activations)
             options.progress = bar
             model = _C.Model.from_config(config, seed, options)
         finally:
@@ -320,6 +336,11 @@ class Engine:
     @property
     def device(self) -> str:
         return self._model.device
+
+    @property
+    def quantization(self) -> Optional[str]:
+        """How the layer matrices are held: "awq", "gptq", "int8", "int4", or None (float)."""
+        return self._model.quantization
 
     @property
     def tokenizer(self) -> Optional[Tokenizer]:

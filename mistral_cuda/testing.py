@@ -34,7 +34,11 @@ __all__ = [
     "moe_ffn",
     "moe_route",
     "paged_attention",
+    "QuantizedWeight",
     "qkv_rope",
+    "quantize",
+    "quantized_linear",
+    "quantized_moe_ffn",
     "ring_blocks_for",
     "rms_norm",
     "rope_inv_freq",
@@ -431,4 +435,129 @@ def moe_ffn(x: torch.Tensor, router: torch.Tensor, w13: torch.Tensor, w2: torch.
     y = torch.zeros(T, D, dtype=torch.float32, device=x.device)
     if T:
         _run("moe", x, x, router, w13, w2, y, K)
+    return y
+
+
+# ---- quantized weights (csrc/core/weight.h: formats "int8" and "int4") ----
+
+
+class QuantizedWeight:
+    """A quantized matrix [N, K] or stack [E, N, K] in the engine's own layout, as torch tensors:
+
+    int8: data int8 [E?, N, K], scales float32 [E?, N]; w = q * s.
+    int4: data uint8 [E?, N, K // 2], each 32 columns in 16 bytes (byte i = q[i] | q[i + 16] << 4),
+    scales and zeros float32 [E?, N, K // G]; w = (q - z) * s; col_perm int32 [E?, K] or None
+    (stored column k holds input column col_perm[k]).
+    """
+
+    def __init__(self, format: str, shape, data, scales, zeros=None, group_size: int = 0, col_perm=None,
+                 quantize_activations: bool = False):
+        if format not in ("int8", "int4"):
+            raise ValueError(f"format must be 'int8' or 'int4', got {format!r}")
+        self.format = format
+        self.shape = tuple(int(s) for s in shape)
+        self.data, self.scales, self.zeros, self.col_perm = data, scales, zeros, col_perm
+        self.group_size = int(group_size)
+        # CPU fast mode: x quantized to int8 per row, integer dot products (cpu/quantized_activations.h).
+        self.quantize_activations = bool(quantize_activations)
+        lead = self.shape[:-1]
+        N, K = self.shape[-2:]
+        expect = {"data": (data, lead + ((K,) if format == "int8" else (K // 2,)), torch.int8 if format == "int8" else torch.uint8)}
+        if format == "int8":
+            expect["scales"] = (scales, lead, torch.float32)
+        else:
+            if self.group_size <= 0 or self.group_size % 32 or K % self.group_size or K % 32:
+                raise ValueError(f"int4 needs K and group_size multiples of 32 with group_size | K, got K={K}, G={group_size}")
+            groups = lead + (K // self.group_size,)
+            expect["scales"] = (scales, groups, torch.float32)
+            expect["zeros"] = (zeros, groups, torch.float32)
+            if col_perm is not None:
+                expect["col_perm"] = (col_perm, self.shape[:-2] + (K,), torch.int32)
+        device = data.device
+        for name, (t, want, dtype) in expect.items():
+            _check(name, t, want, dtype, device, "")
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def to(self, device) -> "QuantizedWeight":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizedWeight(self.format, self.shape, move(self.data), move(self.scales), move(self.zeros),
+                               self.group_size, move(self.col_perm), self.quantize_activations)
+
+    def with_quantized_activations(self, on: bool = True) -> "QuantizedWeight":
+        return QuantizedWeight(self.format, self.shape, self.data, self.scales, self.zeros, self.group_size,
+                               self.col_perm, on)
+
+
+def quantize(w: torch.Tensor, format: str, group_size: int = 128) -> QuantizedWeight:
+    """The engine's quantize-on-load rule (csrc/core/quantized.h) on a CPU float matrix [N, K] or
+    stack [E, N, K] (float32, bfloat16 or float16)."""
+    if not isinstance(w, torch.Tensor) or w.dim() not in (2, 3) or w.device.type != "cpu":
+        raise ValueError("w must be a CPU tensor [N, K] or [E, N, K]")
+    if w.dtype not in (torch.float32,) + _HALF:
+        raise TypeError(f"w must be float32, bfloat16 or float16, got {w.dtype}")
+    if format not in ("int8", "int4"):
+        raise ValueError(f"format must be 'int8' or 'int4', got {format!r}")
+    w = w.contiguous()
+    lead, K = tuple(w.shape[:-1]), w.shape[-1]
+    if format == "int8":
+        data = torch.empty(lead + (K,), dtype=torch.int8)
+        scales = torch.empty(lead, dtype=torch.float32)
+        zeros = None
+    else:
+        if group_size <= 0 or K % group_size or group_size % 32:
+            raise ValueError(f"int4 needs group_size a multiple of 32 dividing K={K}, got {group_size}")
+        data = torch.empty(lead + (K // 2,), dtype=torch.uint8)
+        scales = torch.empty(lead + (K // group_size,), dtype=torch.float32)
+        zeros = torch.empty_like(scales)
+    _ops.quantize(w, format, group_size if format == "int4" else 0, data, scales, zeros)
+    return QuantizedWeight(format, w.shape, data, scales, zeros, group_size if format == "int4" else 0)
+
+
+def _quantized_check(x: torch.Tensor, w: QuantizedWeight, ndim: int) -> bool:
+    if not isinstance(w, QuantizedWeight):
+        raise TypeError(f"w must be a QuantizedWeight, got {type(w).__name__}")
+    if len(w.shape) != ndim:
+        raise ValueError(f"expected a {ndim}-D quantized weight, got shape {w.shape}")
+    if w.device != x.device:
+        raise ValueError(f"the weight is on {w.device} but x on {x.device}")
+    return _backend("x", x)
+
+
+def quantized_linear(x: torch.Tensor, w: QuantizedWeight, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """y = x · dequant(w)ᵀ: x [T, K], w [N, K] quantized -> [T, N] in out_dtype (None: x's dtype;
+    on CUDA also float32)."""
+    _tensor("x", x, 2)
+    cuda = _quantized_check(x, w, 2)
+    T, K = x.shape
+    N = w.shape[0]
+    if w.shape[1] != K:
+        raise ValueError(f"x has K={K} columns but w is {w.shape}")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    allowed = (x.dtype, torch.float32) if cuda else (torch.float32,)
+    if out_dtype not in allowed:
+        raise TypeError(f"out_dtype must be one of {sorted(set(map(str, allowed)))}, got {out_dtype}")
+    y = torch.empty(T, N, dtype=out_dtype, device=x.device)
+    if T and N:
+        _run("linear", x, x.contiguous(), w, y)
+    return y
+
+
+def quantized_moe_ffn(x: torch.Tensor, router: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight,
+                      top_k: int) -> torch.Tensor:
+    """moe_ffn with quantized experts w13 [E, 2F, D] and w2 [E, D, F] -> float32 [T, D]."""
+    _tensor("x", x, 2)
+    _quantized_check(x, w13, 3)
+    _quantized_check(x, w2, 3)
+    T, D = x.shape
+    E, F2, D13 = w13.shape
+    if D13 != D or F2 % 2 or w2.shape != (E, D, F2 // 2):
+        raise ValueError(f"need w13 (E, 2F, D) and w2 (E, D, F) for D={D}, got {w13.shape} and {w2.shape}")
+    _check("router", router, (E, D), x.dtype, x.device, "(E, D)")
+    K = _moe_top_k(top_k, E)
+    y = torch.zeros(T, D, dtype=torch.float32, device=x.device)
+    if T:
+        _run("moe", x, x.contiguous(), router, w13, w2, y, K)
     return y

@@ -12,6 +12,7 @@
 #include "core/checked_math.h"
 #include "core/error.h"
 #include "core/json.h"
+#include "core/packed_checkpoint.h"
 #include "core/random.h"
 #include "core/safetensors.h"
 
@@ -254,7 +255,69 @@ int64_t weight_bytes(const ModelConfig& c, DType dtype) {
          (c.n_layers * per_layer + (c.tie_embeddings ? 1 : 2) * c.vocab_size * c.dim + c.dim);
 }
 
+// The quantized form of each layer matrix a slot can target (wqkv -> wqkv_q, ...), for the
+// packed (AWQ/GPTQ) pieces and quantize-on-load.
+std::map<const Tensor*, QuantizedMatrix*> quantized_targets(ModelWeights& w) {
+  std::map<const Tensor*, QuantizedMatrix*> targets;
+  for (LayerWeights& layer : w.layers) {
+    targets[&layer.wqkv] = &layer.wqkv_q;
+    targets[&layer.wo] = &layer.wo_q;
+    targets[&layer.w13] = &layer.w13_q;
+    targets[&layer.w2] = &layer.w2_q;
+  }
+  return targets;
+}
+
+RawTensorReader raw_reader(const TensorIndex& index) {
+  return [&index](const std::string& name) -> std::optional<RawTensor> {
+    const TensorIndex::Location* where = index.find(name);
+    if (!where) return std::nullopt;
+    RawTensor raw{where->entry->dtype_name, where->entry->shape, std::vector<uint8_t>(where->entry->nbytes)};
+    where->file->read_into(*where->entry, raw.bytes.data());
+    return raw;
+  };
+}
+
+// The slot's piece of its stacked target as a packed module: its name without ".weight", and
+// its rows' place in the stack ([rows, cols] or [count, rows, cols]).
+PackedPiece packed_piece(const WeightSlot& slot, QuantizedMatrix* target) {
+  PackedPiece piece;
+  piece.module = slot.name.substr(0, slot.name.size() - std::string(".weight").size());
+  piece.rows = slot.shape[0];
+  piece.cols = slot.shape[1];
+  piece.target = target;
+  const std::vector<int64_t>& stack = slot.target_shape;
+  piece.target_count = stack.size() == 3 ? stack[0] : 1;
+  piece.target_rows = stack[stack.size() - 2];
+  const int64_t row = slot.offset / piece.cols;
+  piece.index = row / piece.target_rows;
+  piece.row0 = row % piece.target_rows;
+  return piece;
+}
+
+// The layer's four matrices quantized, their float forms dropped.
+void quantize_layer(LayerWeights& layer, WeightFormat format, int32_t group_size) {
+  for (auto [dense, quantized] : {std::pair{&layer.wqkv, &layer.wqkv_q}, std::pair{&layer.wo, &layer.wo_q},
+                                  std::pair{&layer.w13, &layer.w13_q}, std::pair{&layer.w2, &layer.w2_q}}) {
+    *quantized = quantize(*dense, format, group_size);
+    *dense = Tensor();
+  }
+}
+
 }  // namespace
+
+void quantize_layers(ModelWeights& weights, WeightFormat format, int32_t group_size) {
+  for (LayerWeights& layer : weights.layers) quantize_layer(layer, format, group_size);
+  weights.quantization = weight_format_name(format);
+}
+
+void set_quantize_activations(ModelWeights& weights, bool on) {
+  if (on && weights.quantization.empty())
+    fail(ErrorKind::kInvalidRequest, "quantize_activations needs quantized weights (quantization='int8' or 'int4', ",
+         "or an AWQ / GPTQ checkpoint)");
+  for (LayerWeights& layer : weights.layers)
+    for (QuantizedMatrix* m : {&layer.wqkv_q, &layer.wo_q, &layer.w13_q, &layer.w2_q}) m->quantize_activations = on;
+}
 
 std::vector<WeightSlot> weight_slots(const ModelConfig& config, ModelWeights& weights) {
   std::vector<WeightSlot> slots;
@@ -310,9 +373,36 @@ Checkpoint load_checkpoint(const std::string& model_dir, const LoadOptions& opti
   Checkpoint checkpoint;
   checkpoint.layout = detect_layout(model_dir);
   checkpoint.config = read_config(model_dir, checkpoint.layout);
+  std::optional<PackedQuantization> packed;
+  if (checkpoint.layout == CheckpointLayout::kHuggingFace)
+    packed = packed_quantization(read_json(model_dir + "/config.json"), model_dir + "/config.json");
+  if (packed && options.quantize)
+    fail(ErrorKind::kInvalidRequest, model_dir, " is already quantized (", packed->name(), "); load it without ",
+         "quantization='", weight_format_name(*options.quantize), "'");
   TensorIndex index = checkpoint.layout == CheckpointLayout::kHuggingFace ? open_hf_files(model_dir)
                                                                             : open_mistral_files(model_dir);
   std::vector<WeightRequest> plan = plan_weights(checkpoint.config, checkpoint.layout, checkpoint.weights);
+  if (packed) {
+    // Packed layer matrices are decoded (and checked) piece by piece; the rest loads as usual.
+    const std::map<const Tensor*, QuantizedMatrix*> targets = quantized_targets(checkpoint.weights);
+    const RawTensorReader read = raw_reader(index);
+    std::vector<WeightRequest> float_plan;
+    for (WeightRequest& request : plan) {
+      auto target = targets.find(request.slot.target);
+      if (target == targets.end()) {
+        float_plan.push_back(std::move(request));
+        continue;
+      }
+      try {
+        read_packed_piece(*packed, read, packed_piece(request.slot, target->second));
+      } catch (const Error& e) {
+        fail(e.kind(), model_dir, ": ", e.what());
+      }
+    }
+    for (const auto& [dense, quantized] : targets) drop_identity_col_perm(*quantized);
+    plan = std::move(float_plan);
+    checkpoint.weights.quantization = packed->name();
+  }
 
   // Check every tensor's presence, dtype and shape before allocating or converting anything.
   int64_t total_bytes = 0;
@@ -332,23 +422,44 @@ Checkpoint load_checkpoint(const std::string& model_dir, const LoadOptions& opti
     sources.push_back(where);
   }
 
+  // Quantize-on-load works layer by layer, as soon as a layer's last tensor is in: only one
+  // layer is ever held in float. Its matrices are copied, not mapped, so that their float pages
+  // leave memory once quantized.
+  std::map<const Tensor*, int64_t> layer_of;
+  std::vector<size_t> last_request(checkpoint.weights.layers.size(), 0);
+  if (options.quantize) {
+    for (size_t l = 0; l < checkpoint.weights.layers.size(); ++l) {
+      LayerWeights& layer = checkpoint.weights.layers[l];
+      for (const Tensor* t : {&layer.wqkv, &layer.wo, &layer.w13, &layer.w2}) layer_of[t] = static_cast<int64_t>(l);
+    }
+    for (size_t i = 0; i < plan.size(); ++i)
+      if (auto it = layer_of.find(plan[i].slot.target); it != layer_of.end()) last_request[it->second] = i;
+  }
+
   int64_t done_bytes = 0;
   for (size_t i = 0; i < plan.size(); ++i) {
     const WeightRequest& request = plan[i];
     const SafetensorsEntry& entry = *sources[i]->entry;
     const DType dtype = options.dtype.value_or(*entry.dtype);
     Tensor& target = *request.slot.target;
-    if (options.use_mmap && request.slot.whole() && request.rows == RowOrder::kAsStored && dtype == *entry.dtype) {
+    const auto layer = layer_of.find(&target);
+    const bool quantized_later = layer != layer_of.end();
+    if (options.use_mmap && !quantized_later && request.slot.whole() && request.rows == RowOrder::kAsStored &&
+        dtype == *entry.dtype) {
       target = sources[i]->file->view(entry);
     } else {
       // A stacked tensor takes the dtype of its first piece (or the requested one).
       if (!target.defined()) target = Tensor::empty(dtype, request.slot.target_shape);
       copy_into_target(*sources[i], request);
     }
+    if (quantized_later && last_request[layer->second] == i)
+      quantize_layer(checkpoint.weights.layers[layer->second], *options.quantize, options.group_size);
     done_bytes += static_cast<int64_t>(entry.nbytes);
     if (options.progress) options.progress(done_bytes, total_bytes);
   }
   if (checkpoint.config.tie_embeddings) checkpoint.weights.output = checkpoint.weights.tok_embeddings;
+  if (options.quantize) checkpoint.weights.quantization = weight_format_name(*options.quantize);
+  set_quantize_activations(checkpoint.weights, options.quantize_activations);
   return checkpoint;
 }
 

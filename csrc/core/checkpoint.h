@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/config.h"
+#include "core/quantized.h"
 #include "core/tensor.h"
 
 namespace mc {
@@ -27,6 +28,13 @@ struct LayerWeights {
   Tensor w13;        // dense: [2 hidden_dim, dim] (w1 rows, then w3); MoE: [n_experts, 2 hidden_dim, dim]
   Tensor w2;         // dense: [dim, hidden_dim]; MoE: [n_experts, dim, hidden_dim]
   Tensor router;     // MoE: [n_experts, dim]
+  // The same four matrices when the model is quantized (the Tensors above are then empty).
+  QuantizedMatrix wqkv_q, wo_q, w13_q, w2_q;
+
+  WeightRef wqkv_ref() const { return wqkv_q.defined() ? wqkv_q.ref() : WeightRef::of(wqkv); }
+  WeightRef wo_ref() const { return wo_q.defined() ? wo_q.ref() : WeightRef::of(wo); }
+  WeightRef w13_ref() const { return w13_q.defined() ? w13_q.ref() : WeightRef::of(w13); }
+  WeightRef w2_ref() const { return w2_q.defined() ? w2_q.ref() : WeightRef::of(w2); }
 };
 
 struct ModelWeights {
@@ -34,6 +42,14 @@ struct ModelWeights {
   Tensor norm;            // [dim]
   Tensor output;          // [vocab_size, dim] (the embedding itself when tied)
   std::vector<LayerWeights> layers;
+  // How the layer matrices are stored: "" (float), "int8", "int4", or the checkpoint's packed
+  // format "awq" / "gptq" (held as int4).
+  std::string quantization;
+
+  // The dtype of the float matrices (the layer matrices', else the embedding's).
+  DType float_dtype() const {
+    return layers.empty() || !layers[0].wqkv.defined() ? tok_embeddings.dtype : layers[0].wqkv.dtype;
+  }
 };
 
 enum class CheckpointLayout { kHuggingFace, kMistral };
@@ -51,7 +67,12 @@ struct Checkpoint {
 ModelConfig read_model_config(const std::string& model_dir);
 
 struct LoadOptions {
-  std::optional<DType> dtype;  // weights converted to it; nullopt = kept as stored
+  std::optional<DType> dtype;  // float matrices converted to it; nullopt = kept as stored
+  // Quantize-on-load of the layer matrices: kInt8 or kInt4 (nullopt: as stored). A checkpoint
+  // already in AWQ or GPTQ form is read as int4 whatever this says (quantizing it is refused).
+  std::optional<WeightFormat> quantize;
+  int32_t group_size = kDefaultInt4GroupSize;
+  bool quantize_activations = false;  // the CPU fast mode of the quantized matrices (WeightRef)
   // Whole tensors in their final form are views of the memory-mapped file (which must then not
   // be modified or truncated while they live: SIGBUS or changed weights); false copies every
   // tensor with pread (the file may change freely once the load returns).
@@ -62,6 +83,12 @@ struct LoadOptions {
 // Loads config and weights. Tensors in their final form are memory-mapped views of the file
 // (with use_mmap), the stacked ones (wqkv, w13, experts) are read into owned memory.
 Checkpoint load_checkpoint(const std::string& model_dir, const LoadOptions& options);
+
+// Quantizes every layer matrix (wqkv, wo, w13, w2) into its *_q form, dropping the float one.
+void quantize_layers(ModelWeights& weights, WeightFormat format, int32_t group_size);
+// Turns the CPU fast mode (WeightRef::quantize_activations) of every quantized layer matrix on
+// or off; throws kInvalidRequest when turning it on for float weights.
+void set_quantize_activations(ModelWeights& weights, bool on);
 
 // Every checkpoint tensor of a model: Hugging Face name, shape, and where it goes: `target`
 // (a tensor of `target_shape`) from element `offset` on. Stacked tensors have several slots.

@@ -1,10 +1,13 @@
 #include "cpu/dense_ops.h"
 
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "core/error.h"
+#include "cpu/quantized_activations.h"
 
 namespace mc::cpu {
 namespace {
@@ -111,6 +114,157 @@ void linear_as(const float* x, const typename W::Elem* w, float* y, int64_t T, i
   }
 }
 
+// ---- int8 and int4: dequantized in registers as w = (q - z) · s in f32, then the same f32
+// multiply-adds as the float formats (so results match the dequantized float matrix up to f32
+// summation order). Row r of the tile starts at row pointer w + r * row_bytes.
+
+using I32Vec = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// kLanes bytes widened to int32 lanes (vpmovsxbd / vpmovzxbd) with intrinsics: the compiler
+// scalarizes a generic byte-vector conversion. (GCC 12's avx512fintrin.h trips
+// -Wmaybe-uninitialized on its own _mm512_undefined_epi32 inside these.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+inline I32Vec widen_signed_bytes(const void* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<I32Vec>(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
+#else
+  return reinterpret_cast<I32Vec>(_mm256_cvtepi8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p))));
+#endif
+}
+inline I32Vec widen_unsigned_bytes(const void* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<I32Vec>(_mm512_cvtepu8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
+#else
+  return reinterpret_cast<I32Vec>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p))));
+#endif
+}
+#pragma GCC diagnostic pop
+
+inline Vec splat(float value) { return Vec{} + value; }
+
+struct Int8Rows {
+  const int8_t* data;
+  const float* scales;  // [rows]
+  int64_t K;
+};
+
+template <int kRows, int kTok>
+inline void dot_tile_int8(const float* x, const Int8Rows& w, int64_t n, float* y, int64_t N) {
+  const int64_t K = w.K;
+  Vec acc[kRows][kTok] = {};
+  Vec scale[kRows];
+  for (int r = 0; r < kRows; ++r) scale[r] = splat(w.scales[n + r]);
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    Vec xv[kTok];
+    for (int t = 0; t < kTok; ++t) xv[t] = load(x + t * K + k);
+    for (int r = 0; r < kRows; ++r) {
+      const Vec wv = __builtin_convertvector(widen_signed_bytes(w.data + (n + r) * K + k), Vec) * scale[r];
+      for (int t = 0; t < kTok; ++t) acc[r][t] += wv * xv[t];
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < kTok; ++t) {
+      float sum = reduce(acc[r][t]);
+      for (int64_t kk = k; kk < K; ++kk)
+        sum += static_cast<float>(w.data[(n + r) * K + kk]) * w.scales[n + r] * x[t * K + kk];
+      y[t * N + r] = sum;
+    }
+}
+
+struct Int4Rows {
+  const uint8_t* data;  // [rows, K / 2]
+  const float* scales;  // [rows, K / G]
+  const float* zeros;   // [rows, K / G]
+  int64_t K;
+  int64_t G;
+};
+
+// Columns come in blocks of 32 (16 bytes: low nibbles = columns 0..15, high = 16..31); K and G
+// are multiples of 32, so there is no scalar tail.
+template <int kRows, int kTok>
+inline void dot_tile_int4(const float* x, const Int4Rows& w, int64_t n, float* y, int64_t N) {
+  const int64_t K = w.K, groups = K / w.G;
+  Vec acc[kRows][kTok] = {};
+  for (int64_t g = 0; g < groups; ++g) {
+    Vec scale[kRows], zero[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      scale[r] = splat(w.scales[(n + r) * groups + g]);
+      zero[r] = splat(w.zeros[(n + r) * groups + g]);
+    }
+    for (int64_t block = g * w.G; block < (g + 1) * w.G; block += 32) {
+      for (int half = 0; half < 16; half += kLanes) {
+        Vec lo_x[kTok], hi_x[kTok];
+        for (int t = 0; t < kTok; ++t) {
+          lo_x[t] = load(x + t * K + block + half);
+          hi_x[t] = load(x + t * K + block + 16 + half);
+        }
+        for (int r = 0; r < kRows; ++r) {
+          const I32Vec wide = widen_unsigned_bytes(w.data + (n + r) * (K / 2) + block / 2 + half);
+          const Vec lo = (__builtin_convertvector(wide & 0x0F, Vec) - zero[r]) * scale[r];
+          const Vec hi = (__builtin_convertvector(wide >> 4, Vec) - zero[r]) * scale[r];
+          for (int t = 0; t < kTok; ++t) acc[r][t] += lo * lo_x[t] + hi * hi_x[t];
+        }
+      }
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < kTok; ++t) y[t * N + r] = reduce(acc[r][t]);
+}
+
+// The tiling of linear_as over a quantized format's row set (see there).
+template <typename Rows, void (*kTile4x2)(const float*, const Rows&, int64_t, float*, int64_t),
+          void (*kTile4x1)(const float*, const Rows&, int64_t, float*, int64_t),
+          void (*kTile1x1)(const float*, const Rows&, int64_t, float*, int64_t)>
+void linear_rows(const float* x, const Rows& w, float* y, int64_t T, int64_t N) {
+  constexpr int kRows = 4;
+  constexpr int kTok = 2;
+  const int64_t K = w.K;
+  const int64_t row_blocks = (N + kRows - 1) / kRows;
+  const bool parallel = T * N * K >= (int64_t{1} << 18);
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t block = 0; block < row_blocks; ++block) {
+    const int64_t n = block * kRows;
+    const int64_t rows = N - n < kRows ? N - n : kRows;
+    for (int64_t t = 0; t < T; t += kTok) {
+      const int64_t toks = T - t < kTok ? T - t : kTok;
+      if (rows == kRows && toks == kTok) {
+        kTile4x2(x + t * K, w, n, y + t * N + n, N);
+      } else if (rows == kRows) {
+        kTile4x1(x + t * K, w, n, y + t * N + n, N);
+      } else {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t tt = 0; tt < toks; ++tt) kTile1x1(x + (t + tt) * K, w, n + r, y + (t + tt) * N + n + r, N);
+      }
+    }
+  }
+}
+
+void linear_int8(const float* x, const WeightRef& w, float* y, int64_t T) {
+  if (w.quantize_activations && supports_quantized_activations(w)) return linear_quantized_activations(x, w, y, T);
+  const Int8Rows rows{static_cast<const int8_t*>(w.data), static_cast<const float*>(w.scales), w.cols};
+  linear_rows<Int8Rows, dot_tile_int8<4, 2>, dot_tile_int8<4, 1>, dot_tile_int8<1, 1>>(x, rows, y, T, w.rows);
+}
+
+void linear_int4(const float* x, const WeightRef& w, float* y, int64_t T) {
+  if (w.cols % 32 != 0 || w.group_size <= 0 || w.group_size % 32 != 0 || w.cols % w.group_size != 0)
+    fail(ErrorKind::kInvalidRequest, "CPU linear: int4 needs cols and group_size multiples of 32, got cols ", w.cols,
+         ", group_size ", w.group_size);
+  std::vector<float> permuted;
+  if (w.col_perm != nullptr) {
+    // Act-order: the stored columns are the inputs regrouped; gather x into that order once.
+    permuted.resize(static_cast<size_t>(T * w.cols));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < w.cols; ++k) permuted[t * w.cols + k] = x[t * w.cols + w.col_perm[k]];
+    x = permuted.data();
+  }
+  if (w.quantize_activations && supports_quantized_activations(w)) return linear_quantized_activations(x, w, y, T);
+  const Int4Rows rows{static_cast<const uint8_t*>(w.data), static_cast<const float*>(w.scales),
+                      static_cast<const float*>(w.zeros), w.cols, w.group_size};
+  linear_rows<Int4Rows, dot_tile_int4<4, 2>, dot_tile_int4<4, 1>, dot_tile_int4<1, 1>>(x, rows, y, T, w.rows);
+}
+
 }  // namespace
 
 void linear(const float* x, const WeightRef& w, float* y, int64_t T) {
@@ -121,6 +275,10 @@ void linear(const float* x, const WeightRef& w, float* y, int64_t T) {
       return linear_as<BF16>(x, static_cast<const uint16_t*>(w.data), y, T, w.rows, w.cols);
     case WeightFormat::kF16:
       return linear_as<F16>(x, static_cast<const uint16_t*>(w.data), y, T, w.rows, w.cols);
+    case WeightFormat::kInt8:
+      return linear_int8(x, w, y, T);
+    case WeightFormat::kInt4:
+      return linear_int4(x, w, y, T);
   }
   fail(ErrorKind::kUnsupported, "CPU linear: unsupported weight format ", weight_format_name(w.format));
 }
@@ -192,6 +350,8 @@ void silu_mul(const SiluMulParams& p) {
 }
 
 void embedding(const EmbeddingParams& p) {
+  if (is_quantized(p.table.format))
+    fail(ErrorKind::kUnsupported, "CPU embedding: the table must be a float format, not ", weight_format_name(p.table.format));
   const int64_t D = p.table.cols;
   const DType dtype = dtype_of(p.table.format);
   const size_t row_bytes = static_cast<size_t>(D) * p.table.element_bytes();

@@ -8,12 +8,14 @@
 #include <memory>
 #include <vector>
 
+#include "core/quantized_placement.h"
 #include "core/random.h"
 #include "cuda/attention.cuh"
 #include "cuda/common.cuh"
 #include "cuda/elementwise.cuh"
 #include "cuda/gemm.h"
 #include "cuda/moe.cuh"
+#include "cuda/quant_linear.cuh"
 #include "cuda/sampling.cuh"
 #include "cuda/weights.cuh"
 
@@ -140,6 +142,18 @@ class CudaBackend : public Backend {
   }
   void linear(const LinearParams& p) override {
     use_device();
+    if (is_quantized(p.w.format)) {
+      // int8 / int4: the weight-only GEMV (<= 16 tokens) or dequantize + cuBLAS.
+      QuantLinearParams q;
+      q.x = p.x;
+      q.w = p.w;
+      q.y = p.y;
+      q.n_tokens = p.n_tokens;
+      q.act_dtype = p.x_dtype;
+      q.out_dtype = p.y_dtype;
+      quant_linear(q, quant_scratch(quant_linear_workspace_bytes(p.w, p.n_tokens, p.x_dtype)), gemm_, stream_);
+      return;
+    }
     require_format(p.w, p.x_dtype, "linear");
     if (p.w.count != 1)
       fail(ErrorKind::kInvalidRequest, "CUDA linear: a stack of ", p.w.count, " matrices is not one weight");
@@ -204,7 +218,19 @@ class CudaBackend : public Backend {
     return tensor;
   }
 
+  // Scratch of the quantized kernels, grown on first use to the largest step's need (so only
+  // the first steps allocate).
+  void* quant_scratch(size_t bytes) {
+    if (bytes > quant_scratch_bytes_) {
+      quant_scratch_ = device_alloc(bytes);
+      quant_scratch_bytes_ = bytes;
+    }
+    return quant_scratch_.get();
+  }
+
   int device_ = current_device();  // the backend's device: current at construction
+  std::shared_ptr<void> quant_scratch_;
+  size_t quant_scratch_bytes_ = 0;
   cudaStream_t stream_ = nullptr;
   Gemm gemm_;                       // its cuBLAS handle (opened on that device)
 };
@@ -243,6 +269,16 @@ ModelWeights CudaBackend::place_weights(const ModelConfig& config, ModelWeights 
     src = Tensor();
     if (progress) progress(done, total);
   }
+  // Quantized layer matrices (int8 / int4): device copies in the same layout.
+  for (size_t l = 0; l < host.layers.size(); ++l) {
+    const LayerWeights& from = host.layers[l];
+    LayerWeights& to = device.layers[l];
+    for (auto [src, dst] : {std::pair{&from.wqkv_q, &to.wqkv_q}, std::pair{&from.wo_q, &to.wo_q},
+                            std::pair{&from.w13_q, &to.w13_q}, std::pair{&from.w2_q, &to.w2_q}})
+      *dst = to_backend(*this, *src);
+    synchronize();
+  }
+  device.quantization = host.quantization;
   if (config.tie_embeddings) device.output = device.tok_embeddings;
   return device;
 }
@@ -287,8 +323,11 @@ void CudaBackend::moe(const MoeParams& p) {
   use_device();
   const int64_t E = p.router.rows, D = p.router.cols, F = p.w2.cols;
   require_format(p.router, p.dtype, "moe router");
-  require_format(p.w13, p.dtype, "moe w13");
-  require_format(p.w2, p.dtype, "moe w2");
+  const bool quantized = is_quantized(p.w13.format);
+  if (!quantized) {
+    require_format(p.w13, p.dtype, "moe w13");
+    require_format(p.w2, p.dtype, "moe w2");
+  }
   if (p.router.count != 1 || p.w13.count != E || p.w13.rows != 2 * F || p.w13.cols != D || p.w2.count != E ||
       p.w2.rows != D)
     fail(ErrorKind::kInvalidRequest, "CUDA moe: inconsistent weights: router [", p.router.rows, ", ", p.router.cols,
@@ -327,6 +366,22 @@ void CudaBackend::moe(const MoeParams& p) {
   route.top_k = experts.top_k;
   cuda::moe_route(route, stream_);
 
+  if (quantized) {
+    // Quantized experts: the same routing feeds their kernels.
+    QuantMoeParams q;
+    q.x = p.x;
+    q.w13 = p.w13;
+    q.w2 = p.w2;
+    q.expert_offsets = route.expert_offsets;
+    q.sorted_pairs = route.sorted_pairs;
+    q.weights = route.weights;
+    q.residual = p.residual;
+    q.n_tokens = route.n_tokens;
+    q.top_k = route.top_k;
+    q.act_dtype = p.dtype;
+    quant_moe_experts(q, quant_scratch(quant_moe_workspace_bytes(q)), stream_);
+    return;
+  }
   experts.expert_offsets = route.expert_offsets;
   experts.sorted_pairs = route.sorted_pairs;
   experts.weights = route.weights;

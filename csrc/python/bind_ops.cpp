@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "core/error.h"
 #include "core/kv_layout.h"
 #include "core/op_params.h"
+#include "core/quantized.h"
 #include "cpu/cpu_backend.h"
 #include "cuda/cuda_backend.h"
 
@@ -55,6 +57,40 @@ TensorArg tensor_arg(py::handle t, const char* name) {
 }
 
 void* optional_data(py::handle t, const char* name) { return t.is_none() ? nullptr : tensor_arg(t, name).data; }
+
+// A weight argument: a float tensor [N, K] / [E, N, K], or a mistral_cuda.testing.QuantizedWeight
+// (its `format`, `shape`, `group_size` and tensors `data`, `scales`, `zeros`, `col_perm`).
+mc::WeightRef weight_ref(py::handle w, const char* name) {
+  if (!py::hasattr(w, "format")) {
+    TensorArg t = tensor_arg(w, name);
+    return mc::WeightRef::of(mc::Tensor::view(t.data, t.dtype, t.shape));
+  }
+  mc::WeightRef ref;
+  ref.format = mc::parse_quantization(w.attr("format").cast<std::string>());
+  const auto shape = w.attr("shape").cast<std::vector<int64_t>>();
+  ref.count = shape.size() == 3 ? shape[0] : 1;
+  ref.rows = shape.at(shape.size() - 2);
+  ref.cols = shape.back();
+  ref.data = tensor_arg(w.attr("data"), "data").data;
+  ref.scales = tensor_arg(w.attr("scales"), "scales").data;
+  ref.zeros = optional_data(w.attr("zeros"), "zeros");
+  ref.col_perm = static_cast<const int32_t*>(optional_data(w.attr("col_perm"), "col_perm"));
+  ref.group_size = w.attr("group_size").cast<int32_t>();
+  ref.quantize_activations = py::getattr(w, "quantize_activations", py::bool_(false)).cast<bool>();
+  return ref;
+}
+
+// Quantizes a float matrix with the load-time rules (core/quantized.h) into the caller's
+// (CPU, right-sized) data / scales / zeros tensors.
+void quantize(py::object w, const std::string& format, int32_t group_size, py::object data, py::object scales,
+              py::object zeros) {
+  TensorArg t = tensor_arg(w, "w");
+  mc::QuantizedMatrix q = mc::quantize(mc::Tensor::view(t.data, t.dtype, t.shape), mc::parse_quantization(format),
+                                       group_size);
+  std::memcpy(tensor_arg(data, "data").data, q.data.get(), q.data_bytes());
+  std::memcpy(tensor_arg(scales, "scales").data, q.scales.get(), q.scales_bytes());
+  if (q.zeros) std::memcpy(tensor_arg(zeros, "zeros").data, q.zeros.get(), q.zeros_bytes());
+}
 
 // One backend and the scratch its ops were last given.
 class OpBackend {
@@ -136,10 +172,10 @@ void rms_norm(OpBackend& b, py::object residual, py::object weight, py::object o
 }
 
 void linear(OpBackend& b, py::object x, py::object w, py::object y) {
-  TensorArg xa = tensor_arg(x, "x"), wa = tensor_arg(w, "w"), ya = tensor_arg(y, "y");
+  TensorArg xa = tensor_arg(x, "x"), ya = tensor_arg(y, "y");
   mc::LinearParams p;
   p.x = xa.data;
-  p.w = mc::WeightRef::of(mc::Tensor::view(wa.data, wa.dtype, wa.shape));
+  p.w = weight_ref(w, "w");
   p.y = ya.data;
   p.n_tokens = xa.shape.at(0);
   p.x_dtype = xa.dtype;
@@ -227,20 +263,19 @@ void silu_mul(OpBackend& b, py::object gate_up, py::object out) {
 void moe(OpBackend& b, py::object x, py::object router, py::object w13, py::object w2, py::object residual,
          int32_t top_k) {
   TensorArg xa = tensor_arg(x, "x"), ra = tensor_arg(router, "router");
-  TensorArg w13a = tensor_arg(w13, "w13"), w2a = tensor_arg(w2, "w2");
   mc::MoeParams p;
   p.x = xa.data;
   p.router = mc::WeightRef::of(mc::Tensor::view(ra.data, ra.dtype, ra.shape));
-  p.w13 = mc::WeightRef::of(mc::Tensor::view(w13a.data, w13a.dtype, w13a.shape));
-  p.w2 = mc::WeightRef::of(mc::Tensor::view(w2a.data, w2a.dtype, w2a.shape));
+  p.w13 = weight_ref(w13, "w13");
+  p.w2 = weight_ref(w2, "w2");
   p.residual = static_cast<float*>(tensor_arg(residual, "residual").data);
   p.n_tokens = xa.shape.at(0);
   p.top_k = top_k;
   p.dtype = xa.dtype;
   mc::ModelConfig shape;
   shape.dim = xa.shape.at(1);
-  shape.n_experts = w13a.shape.at(0);
-  shape.hidden_dim = w2a.shape.at(2);
+  shape.n_experts = p.w13.count;
+  shape.hidden_dim = p.w2.cols;
   shape.n_experts_per_tok = top_k;
   mc::StepLimits limits;
   limits.max_tokens = static_cast<int32_t>(p.n_tokens);
@@ -414,6 +449,8 @@ void bind_ops(py::module_& m) {
       .def("moe_route", &moe_route, py::arg("router_logits"), py::arg("top_k"), py::arg("expert_ids"),
            py::arg("weights"), py::arg("offsets"), py::arg("sorted_pairs"));
 
+  ops.def("quantize", &quantize, py::arg("w"), py::arg("format"), py::arg("group_size"), py::arg("data"),
+          py::arg("scales"), py::arg("zeros"));
   ops.def("ring_blocks_for", &mc::KvLayout::ring_blocks_for, py::arg("window"), py::arg("block_size"));
   ops.def("rope_inv_freq", &mc::rope_inv_freq, py::arg("head_dim"), py::arg("rope_theta"));
 }

@@ -207,6 +207,17 @@ PYBIND11_MODULE(_C, m) {
           [](mc::ModelOptions& o, std::optional<std::string> name) {
             o.dtype = name ? std::optional<mc::DType>(mc::parse_dtype(*name)) : std::nullopt;
           })
+      .def_property(
+          "quantization",
+          [](const mc::ModelOptions& o) -> std::optional<std::string> {
+            if (!o.quantization) return std::nullopt;
+            return std::string(mc::weight_format_name(*o.quantization));
+          },
+          [](mc::ModelOptions& o, std::optional<std::string> name) {
+            o.quantization = name ? std::optional<mc::WeightFormat>(mc::parse_quantization(*name)) : std::nullopt;
+          },
+          "None | 'int8' | 'int4': quantize the layer matrices at load")
+      .def_readwrite("quantize_activations", &mc::ModelOptions::quantize_activations)
       .def_readwrite("block_size", &mc::ModelOptions::block_size)
       .def_readwrite("num_blocks", &mc::ModelOptions::num_blocks)
       .def_readwrite("mmap", &mc::ModelOptions::use_mmap)
@@ -231,6 +242,11 @@ PYBIND11_MODULE(_C, m) {
           "The default KV pool size: four full-length sequences, capped near 8 GiB of K/V.")
       .def_property_readonly("device", &mc::Model::device)
       .def_property_readonly("dtype", [](const mc::Model& m) { return std::string(mc::dtype_name(m.dtype())); })
+      .def_property_readonly("quantization",
+                             [](const mc::Model& m) -> std::optional<std::string> {
+                               if (m.quantization().empty()) return std::nullopt;
+                               return m.quantization();
+                             })
       .def_property_readonly("block_size", &mc::Model::block_size)
       .def("num_blocks", &mc::Model::num_blocks, "Blocks in the KV pool.")
       .def("free_blocks", &mc::Model::free_blocks, "Blocks of the KV pool no sequence holds.")

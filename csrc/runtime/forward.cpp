@@ -60,8 +60,7 @@ ForwardPass::ForwardPass(Backend& backend, const ModelConfig& config, ModelWeigh
     : backend_(backend),
       config_(config),
       weights_(std::move(weights)),
-      act_(backend.activation_dtype(weights_.layers.empty() ? weights_.tok_embeddings.dtype
-                                                            : weights_.layers[0].wqkv.dtype)),
+      act_(backend.activation_dtype(weights_.float_dtype())),
       layout_(layout),
       limits_(limits) {
   const size_t elem = dtype_size(act_);
@@ -209,7 +208,7 @@ void ForwardPass::run(const StepBatch& batch, float* logits, const PassSampling*
     backend_.rms_norm(norm);
 
     linear.x = h;
-    linear.w = WeightRef::of(layer.wqkv);
+    linear.w = layer.wqkv_ref();
     linear.y = ws_.qkv.get();
     backend_.linear(linear);
     backend_.qkv_rope(rope);
@@ -223,7 +222,7 @@ void ForwardPass::run(const StepBatch& batch, float* logits, const PassSampling*
     backend_.kv_append(append);
 
     linear.x = at.out;
-    linear.w = WeightRef::of(layer.wo);
+    linear.w = layer.wo_ref();
     linear.y = ws_.proj.get();
     backend_.linear(linear);
 
@@ -235,8 +234,8 @@ void ForwardPass::run(const StepBatch& batch, float* logits, const PassSampling*
       MoeParams moe;
       moe.x = h;
       moe.router = WeightRef::of(layer.router);
-      moe.w13 = WeightRef::of(layer.w13);
-      moe.w2 = WeightRef::of(layer.w2);
+      moe.w13 = layer.w13_ref();
+      moe.w2 = layer.w2_ref();
       moe.residual = x;
       moe.n_tokens = T;
       moe.top_k = static_cast<int32_t>(config_.n_experts_per_tok);
@@ -246,7 +245,7 @@ void ForwardPass::run(const StepBatch& batch, float* logits, const PassSampling*
       pending = nullptr;  // the experts added their output into x already
     } else {
       linear.x = h;
-      linear.w = WeightRef::of(layer.w13);
+      linear.w = layer.w13_ref();
       linear.y = ws_.gate_up.get();
       backend_.linear(linear);
       SiluMulParams silu;
@@ -257,7 +256,7 @@ void ForwardPass::run(const StepBatch& batch, float* logits, const PassSampling*
       silu.dtype = act_;
       backend_.silu_mul(silu);
       linear.x = ws_.ffn_act.get();
-      linear.w = WeightRef::of(layer.w2);
+      linear.w = layer.w2_ref();
       linear.y = ws_.proj.get();
       backend_.linear(linear);
       pending = ws_.proj.get();

@@ -130,12 +130,15 @@ std::unique_ptr<Model> Model::load(const std::string& model_dir, const ModelOpti
     load.dtype = options.dtype;  // the CPU converts while it reads; CUDA converts on the device
     load.progress = options.progress;
   }
+  load.quantize = options.quantization;
+  load.quantize_activations = options.quantize_activations;
   Checkpoint checkpoint = load_checkpoint(model_dir, load);
-  const DType dtype = device == "cpu" ? checkpoint.weights.layers.at(0).wqkv.dtype : cuda_dtype(options.dtype);
+  const DType dtype = device == "cpu" ? checkpoint.weights.float_dtype() : cuda_dtype(options.dtype);
   std::unique_ptr<Model> model = prepare(checkpoint.config, options, dtype);
   ModelWeights weights = model->backend_->place_weights(
       checkpoint.config, std::move(checkpoint.weights), device == "cpu" ? std::nullopt : std::optional<DType>(dtype),
       device == "cpu" ? ProgressFn() : options.progress);
+  model->quantization_ = weights.quantization;
   model->start(std::move(weights), options);
   return model;
 }
@@ -144,8 +147,15 @@ std::unique_ptr<Model> Model::from_config(const ModelConfig& config, uint64_t se
   config.validate();
   const std::string device = resolve_device(options.device);
   const DType dtype = device == "cpu" ? options.dtype.value_or(DType::kF32) : cuda_dtype(options.dtype);
+  if (options.quantization && device != "cpu")
+    fail(ErrorKind::kUnsupported, "random weights are quantized on the host: use device='cpu', or load a checkpoint "
+         "with quantization= on CUDA");
   std::unique_ptr<Model> model = prepare(config, options, dtype);
-  model->start(model->backend_->random_weights(config, seed, dtype, options.progress), options);
+  ModelWeights weights = model->backend_->random_weights(config, seed, dtype, options.progress);
+  if (options.quantization) quantize_layers(weights, *options.quantization, kDefaultInt4GroupSize);
+  set_quantize_activations(weights, options.quantize_activations);
+  model->quantization_ = weights.quantization;
+  model->start(std::move(weights), options);
   return model;
 }
 

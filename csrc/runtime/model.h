@@ -24,6 +24,10 @@ struct ModelOptions {
   // converts (activations are float32 either way). CUDA: bfloat16 (default) or float16, for
   // weights and activations.
   std::optional<DType> dtype;
+  // Quantize-on-load of the layer matrices (core/quantized.h): kInt8, or kInt4 in groups of
+  // kDefaultInt4GroupSize; nullopt keeps them as stored (AWQ/GPTQ checkpoints load as int4).
+  std::optional<WeightFormat> quantization;
+  bool quantize_activations = false;  // CPU fast mode of quantized weights (cpu/quantized_activations.h)
   int32_t block_size = 16;
   int64_t num_blocks = 0;       // 0 = default_num_blocks()
   bool use_mmap = true;         // see LoadOptions
@@ -56,7 +60,9 @@ class Model {
 
   const ModelConfig& config() const { return config_; }
   const std::string& device() const { return device_; }
-  DType dtype() const { return dtype_; }  // of the weight matrices
+  DType dtype() const { return dtype_; }  // of the float weight matrices
+  // How the layer matrices are stored: "" (float), "int8", "int4", "awq" or "gptq".
+  const std::string& quantization() const { return quantization_; }
   int32_t block_size() const { return blocks_.layout().block_size; }
   int64_t num_blocks() const { return blocks_.num_blocks(); }
   const StepLimits& step_limits() const { return forward_->limits(); }
@@ -106,6 +112,7 @@ class Model {
   BlockManager blocks_;
   std::string device_;
   DType dtype_;
+  std::string quantization_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<ForwardPass> forward_;
   mutable std::mutex mutex_;  // guards blocks_ and the backend's cache
