@@ -20,7 +20,7 @@
 # "--layers 4"), BENCH_MOE_ARGS (e.g. "--layers 4 --tokens 1,64"), and per-step limits in
 # seconds: BUILD_LIMIT (480), TEST_LIMIT (420), TEST_MOE_LIMIT (300), ATTENTION_LIMIT (180),
 # E2E_LIMIT (300), MOE_LIMIT (200). ONLY="NAME ..." runs just those test/bench steps of the chosen
-# stages (names: tests tests_moe bench_attention bench_e2e bench_moe). On an H100 the whole run
+# stages (names: tests tests_moe bench_attention bench_e2e bench_moe bench_quant). On an H100 the whole run
 # was estimated at 6-8 minutes before the MoE steps, which add about 3-4 (estimates, not yet
 # measured); where one command may run at most 10 minutes, split it, e.g.
 #   bash benches/gpu_check.sh build
@@ -55,7 +55,7 @@ for s in $STAGES; do
   esac
 done
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-STEP_NAMES="tests tests_moe bench_attention bench_e2e bench_moe"
+STEP_NAMES="tests tests_moe bench_attention bench_e2e bench_moe bench_quant"
 for s in ${ONLY:-}; do
   case " $STEP_NAMES " in
     *" $s "*) ;;
@@ -192,7 +192,7 @@ if want test; then
   if pick tests; then
     run_step --quiet tests "${TEST_LIMIT:-420}" "$PY" -m pytest -m cuda -v -rfEs --durations=15 \
       -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml" tests/test_cuda_ops.py tests/test_cuda_model.py \
-      tests/test_scheduler.py
+      tests/test_scheduler.py tests/test_quantization.py
   fi
   if pick tests_moe; then
     run_step --quiet tests_moe "${TEST_MOE_LIMIT:-300}" "$PY" -m pytest -m cuda -v -rfEs --durations=15 \
@@ -207,6 +207,8 @@ if want bench; then
   pick bench_e2e && run_step bench_e2e "${E2E_LIMIT:-300}" "$PY" benches/bench_e2e.py ${BENCH_E2E_ARGS:-}
   # shellcheck disable=SC2086
   pick bench_moe && run_step bench_moe "${MOE_LIMIT:-200}" "$PY" benches/bench_moe.py ${BENCH_MOE_ARGS:-}
+  # shellcheck disable=SC2086
+  pick bench_quant && run_step bench_quant "${QUANT_LIMIT:-200}" "$PY" benches/bench_quant.py --gpu ${BENCH_QUANT_ARGS:-}
 fi
 
 echo
