@@ -2,6 +2,8 @@
 
 #include <immintrin.h>
 
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -24,6 +26,10 @@ using HalfVec = _Float16 __attribute__((vector_size(kLanes * sizeof(_Float16))))
 
 // kLanes weights widened to float32 (the compiler emits vpmovzxwd + shift for bf16, vcvtph2ps
 // for f16): so a bf16 or f16 matrix streams half the bytes of an f32 one.
+// (GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined_* inside
+// the conversions below.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 struct F32 {
   using Elem = float;
   static Vec load(const float* p) {
@@ -36,24 +42,35 @@ struct F32 {
 struct BF16 {
   using Elem = uint16_t;
   static Vec load(const uint16_t* p) {
+#if defined(__AVX512F__)
+    // Zero-extend 16 halves to 32 bits and shift them into the high half: the exact f32 value.
+    const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+    return reinterpret_cast<Vec>(_mm512_castsi512_ps(wide));
+#else
     U16Vec raw;
     std::memcpy(&raw, p, sizeof(U16Vec));
     U32Vec wide = __builtin_convertvector(raw, U32Vec) << 16;
     Vec v;
     std::memcpy(&v, &wide, sizeof(Vec));
     return v;
+#endif
   }
   static float scalar(const uint16_t* p) { return bf16_to_f32(*p); }
 };
 struct F16 {
   using Elem = uint16_t;
   static Vec load(const uint16_t* p) {
+#if defined(__AVX512F__)
+    return reinterpret_cast<Vec>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#endif
     HalfVec raw;
     std::memcpy(&raw, p, sizeof(HalfVec));
     return __builtin_convertvector(raw, Vec);
   }
   static float scalar(const uint16_t* p) { return f16_to_f32(*p); }
 };
+
+#pragma GCC diagnostic pop
 
 inline Vec load(const float* p) { return F32::load(p); }
 
@@ -93,6 +110,22 @@ void linear_as(const float* x, const typename W::Elem* w, float* y, int64_t T, i
   // Below ~256k multiply-adds a parallel region costs more than it saves (and on a busy
   // machine a barrier can wait a whole scheduler slice for a descheduled thread).
   const bool parallel = T * N * K >= (int64_t{1} << 18);
+  if (T == 1) {
+    // Decode at batch 1: eight weight rows in flight, eight independent accumulators (enough
+    // to cover the FMA latency while the row streams come from memory).
+    constexpr int kRows1 = 8;
+    const int64_t blocks = (N + kRows1 - 1) / kRows1;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t n = block * kRows1;
+      if (N - n >= kRows1) {
+        dot_tile<W, kRows1, 1>(x, w + n * K, y + n, K, N);
+      } else {
+        for (int64_t r = n; r < N; ++r) dot_tile<W, 1, 1>(x, w + r * K, y + r, K, N);
+      }
+    }
+    return;
+  }
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t block = 0; block < row_blocks; ++block) {
     const int64_t n = block * kRows;
@@ -102,7 +135,7 @@ void linear_as(const float* x, const typename W::Elem* w, float* y, int64_t T, i
       if (rows == kRows && toks == kTok) {
         dot_tile<W, kRows, kTok>(x + t * K, w + n * K, y + t * N + n, K, N);
       } else if (rows == kRows) {
-        // The odd last token (every decode step at batch 1): four independent accumulators.
+        // The odd last token (every decode step at batch 1): independent accumulators.
         dot_tile<W, kRows, 1>(x + t * K, w + n * K, y + t * N + n, K, N);
       } else {
         // Edges: one row and one token at a time, reading only rows and tokens that exist.
