@@ -34,17 +34,27 @@ def _dtype_name(dtype: Union[None, str, torch.dtype]) -> Optional[str]:
     raise TypeError(f"dtype must be None, a str or a torch.dtype, got {type(dtype).__name__}")
 
 
-def _model_options(
-    device: str, dtype, block_size: int, num_blocks: Optional[int], mmap: bool, limits=(64, 2048)
-) -> _C.ModelOptions:
+def _model_options(device: str, dtype, block_size: int, num_blocks: Optional[int], limits, **extra) -> _C.ModelOptions:
+    """The runner's options; `extra` sets the others by name (mmap, quantization, ...)."""
     options = _C.ModelOptions()
     options.device = device
     options.dtype = _dtype_name(dtype)
     options.block_size = block_size
     options.num_blocks = 0 if num_blocks is None else num_blocks
-    options.mmap = bool(mmap)
     options.max_step_seqs, options.max_step_tokens = limits
+    for name, value in extra.items():
+        setattr(options, name, value)
     return options
+
+
+def _build_with_bar(desc: str, progress: bool, options: _C.ModelOptions, build) -> _C.Model:
+    """build(options), with a loading bar fed by its progress reports (closed whatever happens)."""
+    bar = _LoadingBar(desc, progress)
+    try:
+        options.progress = bar
+        return build(options)
+    finally:
+        bar.close()
 
 
 def _limits(max_num_seqs, max_num_batched_tokens, max_batch_size, prefill_chunk):
@@ -266,15 +276,10 @@ class Engine:
         elif not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_file(tokenizer)
         _prepare_device(device)
-        bar = _LoadingBar("Loading weights", progress)
-        try:
-            options = _model_options(device, dtype, block_size, num_blocks, mmap, limits)
-            options.quantization = quantization
-            options.quantize_activations = bool(quantize_activations)
-            options.progress = bar
-            model = _C.Model.load(os.fspath(model_dir), options)
-        finally:
-            bar.close()
+        options = _model_options(device, dtype, block_size, num_blocks, limits, mmap=mmap, quantization=quantization,
+                                 quantize_activations=bool(quantize_activations))
+        model = _build_with_bar("Loading weights", progress, options,
+                                lambda o: _C.Model.load(os.fspath(model_dir), o))
         engine = cls(model, tokenizer, *limits)
         if tokenizer is not None and tokenizer.vocab_size > engine.config.vocab_size:
             raise _C.CheckpointError(
@@ -312,15 +317,10 @@ class Engine:
             check_memory_fits(config, device, dtype_name, block_size, num_blocks)
         _prepare_device(device)
         limits = _limits(max_num_seqs, max_num_batched_tokens, None, None)
-        bar = _LoadingBar("Drawing random weights", progress)
-        try:
-            options = _model_options(device, dtype, block_size, num_blocks, True, limits)
-            options.quantization = quantization
-            options.quantize_activations = bool(quantize_activations)
-            options.progress = bar
-            model = _C.Model.from_config(config, seed, options)
-        finally:
-            bar.close()
+        options = _model_options(device, dtype, block_size, num_blocks, limits, quantization=quantization,
+                                 quantize_activations=bool(quantize_activations))
+        model = _build_with_bar("Drawing random weights", progress, options,
+                                lambda o: _C.Model.from_config(config, seed, o))
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_file(tokenizer)
         return cls(model, tokenizer, *limits)

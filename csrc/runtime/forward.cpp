@@ -12,24 +12,28 @@ namespace {
 
 size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
-// Packs the batch's index arrays into one host buffer (16-byte aligned offsets) so they reach
-// the device in one copy.
+// Packs host arrays into one staging buffer (16-byte aligned) so they reach the device buffer
+// in one copy: add() returns where each array will be on the device, valid once send() ran.
 class MetaPacker {
  public:
-  MetaPacker(uint8_t* host, size_t capacity) : host_(host), capacity_(capacity) {}
+  MetaPacker(Backend& backend, void* host, void* device, size_t capacity)
+      : backend_(backend), host_(static_cast<uint8_t*>(host)), device_(static_cast<uint8_t*>(device)),
+        capacity_(capacity) {}
   template <typename T>
-  size_t add(const std::vector<T>& values) {
+  const T* add(const std::vector<T>& values) {
     const size_t offset = used_;
     const size_t bytes = values.size() * sizeof(T);
     if (offset + bytes > capacity_) fail(ErrorKind::kInvalidRequest, "step metadata exceeds its workspace");
     if (bytes > 0) std::memcpy(host_ + offset, values.data(), bytes);
     used_ = align16(offset + bytes);
-    return offset;
+    return reinterpret_cast<const T*>(device_ + offset);
   }
-  size_t used() const { return used_; }
+  void send() { backend_.copy_to_device(device_, host_, used_); }
 
  private:
+  Backend& backend_;
   uint8_t* host_;
+  uint8_t* device_;
   size_t capacity_;
   size_t used_ = 0;
 };
@@ -117,21 +121,19 @@ void ForwardPass::run(const StepBatch& batch, float* logits, const PassSampling*
   const int64_t D = config_.dim;
 
   // ---- the paged-KV view of this pass, built once ----
-  auto* meta_host = static_cast<uint8_t*>(ws_.meta_host.get());
-  MetaPacker packer(meta_host, ws_.meta_bytes);
-  const size_t tokens_at = packer.add(batch.tokens);
-  const size_t positions_at = packer.add(batch.positions);
-  const size_t cu_seqlens_at = packer.add(batch.cu_seqlens);
-  const size_t start_pos_at = packer.add(batch.start_pos);
-  const size_t tables_at = packer.add(batch.block_tables);
-  const size_t rows_at = packer.add(batch.logit_rows);
-  auto* meta = static_cast<uint8_t*>(ws_.meta.get());
-  backend_.copy_to_device(meta, meta_host, packer.used());
+  MetaPacker packer(backend_, ws_.meta_host.get(), ws_.meta.get(), ws_.meta_bytes);
+  const int32_t* tokens = packer.add(batch.tokens);
+  const int64_t* positions = packer.add(batch.positions);
+  const int32_t* cu_seqlens = packer.add(batch.cu_seqlens);
+  const int64_t* start_pos = packer.add(batch.start_pos);
+  const int32_t* tables = packer.add(batch.block_tables);
+  const int32_t* rows = packer.add(batch.logit_rows);
+  packer.send();
 
   PagedKvView kv;
-  kv.block_tables = reinterpret_cast<const int32_t*>(meta + tables_at);
-  kv.cu_seqlens = reinterpret_cast<const int32_t*>(meta + cu_seqlens_at);
-  kv.start_pos = reinterpret_cast<const int64_t*>(meta + start_pos_at);
+  kv.block_tables = tables;
+  kv.cu_seqlens = cu_seqlens;
+  kv.start_pos = start_pos;
   kv.n_entries = S;
   kv.max_blocks = batch.max_blocks;
   kv.layout = layout_;
@@ -144,7 +146,7 @@ void ForwardPass::run(const StepBatch& batch, float* logits, const PassSampling*
 
   EmbeddingParams embed;
   embed.table = WeightRef::of(weights_.tok_embeddings);
-  embed.ids = reinterpret_cast<const int32_t*>(meta + tokens_at);
+  embed.ids = tokens;
   embed.out = x;
   embed.n_tokens = T;
   backend_.embedding(embed);
@@ -166,7 +168,7 @@ void ForwardPass::run(const StepBatch& batch, float* logits, const PassSampling*
   rope.q = ws_.q.get();
   rope.k = ws_.k.get();
   rope.v = ws_.v.get();
-  rope.positions = reinterpret_cast<const int64_t*>(meta + positions_at);
+  rope.positions = positions;
   rope.inv_freq = static_cast<const float*>(ws_.inv_freq.get());
   rope.n_tokens = T;
   rope.n_heads = static_cast<int32_t>(config_.n_heads);
@@ -262,7 +264,7 @@ void ForwardPass::run(const StepBatch& batch, float* logits, const PassSampling*
       pending = ws_.proj.get();
     }
   }
-  lm_head(batch, reinterpret_cast<const int32_t*>(meta + rows_at), pending, logits, sampling, sampled);
+  lm_head(batch, rows, pending, logits, sampling, sampled);
   compute_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - compute_start).count();
 }
 
@@ -301,29 +303,18 @@ SampleParams ForwardPass::upload_sampling(const PassSampling& s) {
     ws_.sample_in = backend_.allocate(ws_.sample_in_bytes);
     ws_.sample_in_host = backend_.allocate_host(ws_.sample_in_bytes);
   }
-  auto* host = static_cast<uint8_t*>(ws_.sample_in_host.get());
-  MetaPacker packer(host, ws_.sample_in_bytes);
-  const size_t controls_at = packer.add(s.controls);
-  const size_t history_offsets_at = packer.add(s.history_offsets);
-  const size_t history_ids_at = packer.add(s.history_ids);
-  const size_t counts_at = packer.add(s.output_counts);
-  const size_t bias_offsets_at = packer.add(s.bias_offsets);
-  const size_t bias_ids_at = packer.add(s.bias_ids);
-  const size_t bias_values_at = packer.add(s.bias_values);
-  const size_t banned_offsets_at = packer.add(s.banned_offsets);
-  const size_t banned_ids_at = packer.add(s.banned_ids);
-  auto* device = static_cast<uint8_t*>(ws_.sample_in.get());
-  backend_.copy_to_device(device, host, packer.used());
+  MetaPacker packer(backend_, ws_.sample_in_host.get(), ws_.sample_in.get(), ws_.sample_in_bytes);
   SampleParams p;
-  p.controls = reinterpret_cast<const SamplingControls*>(device + controls_at);
-  p.history_offsets = reinterpret_cast<const int32_t*>(device + history_offsets_at);
-  p.history_ids = reinterpret_cast<const int32_t*>(device + history_ids_at);
-  p.output_counts = reinterpret_cast<const int32_t*>(device + counts_at);
-  p.bias_offsets = reinterpret_cast<const int32_t*>(device + bias_offsets_at);
-  p.bias_ids = reinterpret_cast<const int32_t*>(device + bias_ids_at);
-  p.bias_values = reinterpret_cast<const float*>(device + bias_values_at);
-  p.banned_offsets = reinterpret_cast<const int32_t*>(device + banned_offsets_at);
-  p.banned_ids = reinterpret_cast<const int32_t*>(device + banned_ids_at);
+  p.controls = packer.add(s.controls);
+  p.history_offsets = packer.add(s.history_offsets);
+  p.history_ids = packer.add(s.history_ids);
+  p.output_counts = packer.add(s.output_counts);
+  p.bias_offsets = packer.add(s.bias_offsets);
+  p.bias_ids = packer.add(s.bias_ids);
+  p.bias_values = packer.add(s.bias_values);
+  p.banned_offsets = packer.add(s.banned_offsets);
+  p.banned_ids = packer.add(s.banned_ids);
+  packer.send();
   p.vocab = static_cast<int32_t>(config_.vocab_size);
   p.max_logprobs = kMaxLogprobs;
   p.workspace = ws_.sample_scratch.get();

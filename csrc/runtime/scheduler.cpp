@@ -259,8 +259,13 @@ std::vector<RequestUpdate> Scheduler::step() {
     EntrySampling& s = sampling[k];
     s.controls = r->params.controls;
     s.controls.position = static_cast<int64_t>(r->output.size());
-    s.history_ids = &r->history;
-    s.output_counts = &r->history_counts;
+    // The token history only matters to penalties: without them none is sent to the sampler
+    // (it grows with the prompt, and would be copied every step).
+    const SamplingControls& c = s.controls;
+    static const std::vector<int32_t> kNoHistory;
+    const bool penalized = c.repetition_penalty != 1.0f || c.presence_penalty != 0.0f || c.frequency_penalty != 0.0f;
+    s.history_ids = penalized ? &r->history : &kNoHistory;
+    s.output_counts = penalized ? &r->history_counts : &kNoHistory;
     s.logit_bias = &r->params.logit_bias;
     r->banned.clear();
     if (static_cast<int32_t>(r->output.size()) < r->params.min_tokens) {
