@@ -287,7 +287,7 @@ def test_example_chat_service(prefix, v1, tmp_path):
     for line in out.stdout.splitlines():
         m = re.match(r"^\[(\d+)\] (.*)$", line)
         if m:
-            streamed[int(m[1])] = streamed.get(int(m[1]), "") + m[2].replace("\\n", "\n").replace("\\\\", "\\")
+            streamed[int(m[1])] = streamed.get(int(m[1]), "") + re.sub(r"\\(.)", lambda e: "\n" if e[1] == "n" else e[1], m[2])
     ids = {int(m[1]): (m[2], m[3]) for m in re.finditer(r"^request (\d+) prompt_ids=([\d,]+) output_ids=([\d,]*)$",
                                                          out.stderr, re.M)}
     assert sorted(ids) == [1, 2, 3], out.stderr
