@@ -13,6 +13,7 @@
  * exits 1. */
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -233,7 +234,10 @@ static void* client_main(void* arg) {
   params.seed = (uint64_t)c->seed;
   params.ignore_eos = true;
   OK(mc_request_add(c->engine, c->prompt->ids, c->prompt->n, &params, &id));
-  while (!finished) OK(mc_request_read(c->engine, id, c->tokens, 64, &c->n, &finished));
+  while (!finished) {
+    OK(mc_request_read(c->engine, id, c->tokens, 64, &c->n, &finished));
+    sched_yield(); /* polling: let the stepping thread at the engine */
+  }
   OK(mc_request_release(c->engine, id));
   pthread_mutex_lock(&clients_mutex);
   --clients_left;
