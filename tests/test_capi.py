@@ -89,6 +89,18 @@ def eos_model(tmp_path_factory) -> cm.ChatModel:
 
 
 @pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`mistral-cuda demo`'s checkpoint (mistral_cuda/demo.py: dim 256, 4 layers, vocab 32000,
+    window 256, random weights, the real v1 tokenizer), with transformers holding its weights."""
+    from transformers import MistralForCausalLM
+
+    from mistral_cuda.demo import demo_checkpoint
+
+    path, _ = demo_checkpoint(tmp_path_factory.mktemp("capi_demo"))
+    return tm.TinyModel(path, MistralForCausalLM.from_pretrained(str(path), torch_dtype="float32").eval())
+
+
+@pytest.fixture(scope="module")
 def error_dirs(mistral_short, v1, tmp_path_factory) -> list[str]:
     """The errors mode's arguments: the v1 model, a full-attention model (max_seq_len 32), a
     checkpoint whose weights file is cut in the middle of its data, a path that does not exist."""
@@ -194,6 +206,18 @@ def test_greedy_matches_transformers_and_python_engine(test_capi, v1):
         assert all(v <= 0 for v in got[i]["logprobs"])
 
 
+def test_demo_checkpoint_greedy_matches(test_capi, demo):
+    """The same on the demo checkpoint, two prompts at once."""
+    n = 8
+    prompts = PROMPTS[:2]
+    got = parse_requests(run([test_capi, "generate", demo.path, n, 1, *map(ids_arg, prompts)]).stdout)
+    python = cm.load_engine(demo).generate(prompts, mc.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    for i, prompt in enumerate(prompts):
+        expected, gaps = cm.hf_greedy(demo.model, prompt, n)
+        assert min(gaps) > 1e-4, "ambiguous argmax: pick another prompt"
+        assert got[i]["tokens"] == expected == python[i].token_ids, f"prompt {i}"
+
+
 def test_eos_ends_a_request_unless_ignore_eos(test_capi, eos_model):
     """The checkpoint's eos_token_id (config.json) ends greedy decoding where transformers emits
     it; ignore_eos goes on to max_tokens."""
@@ -263,9 +287,9 @@ def test_under_address_and_undefined_sanitizers(v1, error_dirs, tmp_path_factory
 
 
 @pytest.mark.skipif(shutil.which("pkg-config") is None, reason="needs pkg-config")
-def test_example_chat_service(prefix, v1, tmp_path):
-    """examples/chat_service built out of tree against the installed package: three user
-    messages served at once. Its prompt ids equal mistral_common's encode_chat_completion, its
+def test_example_chat_service(prefix, demo, tmp_path):
+    """examples/chat_service built out of tree against the installed package, on the demo
+    checkpoint: three user messages served at once. Its prompt ids equal mistral_common's encode_chat_completion, its
     greedy output ids the Python engine's chat(), and its streamed text the tokenizer's decoding
     of those ids."""
     if subprocess.run(["pkg-config", "--exists", "sentencepiece"]).returncode != 0:
@@ -279,10 +303,10 @@ def test_example_chat_service(prefix, v1, tmp_path):
     messages = ["Write a short poem about fast inference on GPUs.", "What is 2 + 2?",
                 "Tell me about the Mistral wind, in three sentences."]
     n = 10
-    out = run([build / "chat_service", v1.path, "--max-tokens", n, "--temperature", 0, "--print-ids"],
+    out = run([build / "chat_service", demo.path, "--max-tokens", n, "--temperature", 0, "--print-ids"],
               input="\n".join(messages) + "\n", timeout=300)
-    tokenizer = MistralTokenizer.from_file(str(v1.tokenizer_file))
-    engine = cm.load_engine(v1)
+    tokenizer = MistralTokenizer.from_file(str(demo.path / "tokenizer.model"))
+    engine = cm.load_engine(demo)
     streamed: dict[int, str] = {}
     for line in out.stdout.splitlines():
         m = re.match(r"^\[(\d+)\] (.*)$", line)
