@@ -42,6 +42,12 @@ class Backend {
   virtual void copy_to_host(void* host, const void* device, size_t bytes) = 0;
   virtual void synchronize() = 0;
 
+  // ---- profiling ----
+  // Named ranges around a group of ops (a layer, the LM head): NVTX ranges on CUDA, seen in
+  // Nsight Systems next to each op's own range; nothing on the CPU. Use BackendRange.
+  virtual void push_range(const char* /*name*/) {}
+  virtual void pop_range() {}
+
   // ---- weights ----
   // The checkpoint's weights on this backend, as `dtype` (nullopt: as stored). Norm weights
   // become the activation dtype. Progress is reported in bytes.
@@ -73,6 +79,18 @@ class Backend {
   virtual void moe_route(const MoeRouteParams& p) = 0;
   // Sampling over logits where they live (SamplingControls in core/op_params.h).
   virtual void sample(const SampleParams& p) = 0;
+};
+
+// Backend::push_range for the lifetime of the object.
+class BackendRange {
+ public:
+  BackendRange(Backend& backend, const char* name) : backend_(backend) { backend_.push_range(name); }
+  ~BackendRange() { backend_.pop_range(); }
+  BackendRange(const BackendRange&) = delete;
+  BackendRange& operator=(const BackendRange&) = delete;
+
+ private:
+  Backend& backend_;
 };
 
 }  // namespace mc

@@ -2,6 +2,7 @@
 // sequence's block table and length. The pools themselves belong to a backend.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <vector>
@@ -25,6 +26,7 @@ class BlockManager {
   int32_t fork_sequence(int32_t src, std::vector<std::pair<int32_t, int32_t>>* copies);
   void free_sequence(int32_t seq);  // throws kInvalidRequest for an unknown id
   bool has_sequence(int32_t seq) const { return sequences_.count(seq) != 0; }
+  size_t num_sequences() const { return sequences_.size(); }
   void require_sequence(int32_t seq) const;
 
   int64_t length(int32_t seq) const;

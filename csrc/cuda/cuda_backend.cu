@@ -96,6 +96,8 @@ class CudaBackend : public Backend {
     MC_CUDA_CHECK(cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, stream_));
   }
   void synchronize() override { MC_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void push_range(const char* name) override { nvtxRangePushA(name); }
+  void pop_range() override { nvtxRangePop(); }
 
   // ---- weights ----
   ModelWeights place_weights(const ModelConfig& config, ModelWeights host, std::optional<DType> dtype,
@@ -151,6 +153,7 @@ class CudaBackend : public Backend {
       q.n_tokens = p.n_tokens;
       q.act_dtype = p.x_dtype;
       q.out_dtype = p.y_dtype;
+      NvtxRange range("quant_linear");
       quant_linear(q, quant_scratch(quant_linear_workspace_bytes(p.w, p.n_tokens, p.x_dtype)), gemm_, stream_);
       return;
     }
@@ -178,6 +181,7 @@ class CudaBackend : public Backend {
   }
   void copy_blocks(const CopyBlocksParams& p) override {
     use_device();
+    NvtxRange range("copy_blocks");
     for (int32_t i = 0; i < p.n; ++i)
       for (void* pool : {p.k_pool, p.v_pool})
         MC_CUDA_CHECK(cudaMemcpyAsync(static_cast<uint8_t*>(pool) + p.dst[i] * p.block_bytes,
@@ -192,6 +196,7 @@ class CudaBackend : public Backend {
   size_t sample_workspace_bytes(int32_t rows, int32_t vocab) override { return cuda::sample_workspace_bytes(rows, vocab); }
   void sample(const SampleParams& p) override {
     use_device();
+    NvtxRange range("sample");
     cuda::sample(p, stream_);
   }
 

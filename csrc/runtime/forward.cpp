@@ -67,6 +67,7 @@ ForwardPass::ForwardPass(Backend& backend, const ModelConfig& config, ModelWeigh
       act_(backend.activation_dtype(weights_.float_dtype())),
       layout_(layout),
       limits_(limits) {
+  for (int64_t l = 0; l < config.n_layers; ++l) layer_range_names_.push_back("layer " + std::to_string(l));
   const size_t elem = dtype_size(act_);
   const int64_t T = limits.max_tokens, S = limits.max_entries, R = limits.max_logit_rows;
   const int64_t D = config.dim, F = config.hidden_dim, V = config.vocab_size;
@@ -75,11 +76,7 @@ ForwardPass::ForwardPass(Backend& backend, const ModelConfig& config, ModelWeigh
                           ? layout.ring_blocks
                           : static_cast<int32_t>((config.max_seq_len + layout.block_size - 1) / layout.block_size);
 
-  const size_t pool_bytes = static_cast<size_t>(num_blocks) * layout.block_size * kv_dim * elem;
-  for (int64_t l = 0; l < config.n_layers; ++l) {
-    k_pools_.push_back(backend.allocate(pool_bytes));
-    v_pools_.push_back(backend.allocate(pool_bytes));
-  }
+  resize_kv_pools(num_blocks);
 
   ws_.meta_bytes = align16(T * 4) + align16(T * 8) + align16((S + 1) * 4) + align16(S * 8) +
                    align16(static_cast<size_t>(S) * max_table_blocks_ * 4) + align16(T * 4);
@@ -204,6 +201,7 @@ void ForwardPass::run(const StepBatch& batch, float* logits, const PassSampling*
 
   const void* pending = nullptr;  // [T, D] output not yet added to the residual x
   for (int64_t l = 0; l < config_.n_layers; ++l) {
+    BackendRange layer_range(backend_, layer_range_names_[l].c_str());
     const LayerWeights& layer = weights_.layers[l];
     norm.weight = layer.attn_norm.data;
     norm.delta = pending;  // the previous layer's FFN output joins the residual here
@@ -268,6 +266,19 @@ void ForwardPass::run(const StepBatch& batch, float* logits, const PassSampling*
   compute_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - compute_start).count();
 }
 
+void ForwardPass::resize_kv_pools(int64_t num_blocks) {
+  const size_t pool_bytes =
+      static_cast<size_t>(num_blocks) * layout_.block_size * config_.kv_dim() * dtype_size(act_);
+  std::vector<std::shared_ptr<void>> k_pools, v_pools;
+  for (int64_t l = 0; l < config_.n_layers; ++l) {
+    k_pools.push_back(backend_.allocate(pool_bytes));
+    v_pools.push_back(backend_.allocate(pool_bytes));
+  }
+  backend_.synchronize();  // no pass still reads the old pools
+  k_pools_ = std::move(k_pools);
+  v_pools_ = std::move(v_pools);
+}
+
 void ForwardPass::copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
   if (src_dst.empty()) return;
   std::vector<int32_t> src, dst;
@@ -323,6 +334,7 @@ SampleParams ForwardPass::upload_sampling(const PassSampling& s) {
 
 void ForwardPass::lm_head(const StepBatch& batch, const int32_t* rows, const void* pending, float* logits,
                           const PassSampling* sampling, std::vector<SampledToken>* sampled) {
+  BackendRange range(backend_, "lm_head");
   const int64_t V = config_.vocab_size, D = config_.dim;
   const auto total = static_cast<int64_t>(batch.logit_rows.size());
   auto* logits_host = static_cast<float*>(ws_.logits_host.get());

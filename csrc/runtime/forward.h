@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/backend.h"
@@ -70,6 +71,10 @@ class ForwardPass {
 
   static constexpr int32_t kMaxLogprobs = 20;
 
+  // Replaces every layer's K/V pools by zeroed pools of num_blocks blocks. The new pools are
+  // allocated before the old ones go, so a failed allocation leaves the pass as it was.
+  void resize_kv_pools(int64_t num_blocks);
+
   // Block dst[i] of every layer's pools takes block src[i]'s K and V (a forked sequence).
   void copy_blocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst);
 
@@ -121,6 +126,7 @@ class ForwardPass {
   double compute_seconds_ = 0.0;
   std::vector<std::shared_ptr<void>> k_pools_;  // per layer [num_blocks, block_size, KVH, Dh] act
   std::vector<std::shared_ptr<void>> v_pools_;
+  std::vector<std::string> layer_range_names_;  // "layer 0" ..., for Backend::push_range
   Workspace ws_;
 };
 

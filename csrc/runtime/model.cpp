@@ -187,6 +187,19 @@ int64_t Model::sequence_length(int32_t seq) const {
   return blocks_.length(seq);
 }
 
+void Model::resize_kv_cache(int64_t num_blocks) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (blocks_.num_sequences() != 0)
+    fail(ErrorKind::kInvalidRequest, "the KV cache can be resized only while no sequence is alive (",
+         blocks_.num_sequences(), " are)");
+  if (num_blocks < 0) fail(ErrorKind::kInvalidRequest, "num_blocks must be positive (0 = default), got ", num_blocks);
+  const KvLayout layout = blocks_.layout();
+  if (num_blocks == 0) num_blocks = default_num_blocks(config_, layout.block_size, forward_->activation_dtype());
+  BlockManager blocks(layout, num_blocks);  // checks the count before any memory is taken
+  forward_->resize_kv_pools(num_blocks);
+  blocks_ = std::move(blocks);
+}
+
 int64_t Model::free_blocks() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return blocks_.free_blocks();

@@ -91,6 +91,10 @@ class Model {
   void step_and_sample(const std::vector<StepEntry>& entries, const std::vector<const EntrySampling*>& sampling,
                        std::vector<SampledToken>* sampled);
 
+  // A KV cache of num_blocks blocks (0 = default_num_blocks) in place of the current one, which
+  // must hold no sequence (throws kInvalidRequest otherwise); on any error nothing changes.
+  void resize_kv_cache(int64_t num_blocks);
+
   // Blocks that appending n tokens to `seq` would newly take (0 for a new sequence: seq = -1).
   int64_t blocks_needed(int32_t seq, int64_t n) const;
 

@@ -50,9 +50,9 @@ Scheduler::~Scheduler() {
     if (request->seq >= 0) model_.free_sequence(request->seq);
 }
 
-int64_t Scheduler::blocks_to_fit_alone(const Request& r) const {
+int64_t Scheduler::blocks_to_fit_alone(int64_t prompt_tokens, int32_t max_tokens) const {
   const ModelConfig& config = model_.config();
-  int64_t length = static_cast<int64_t>(r.prompt.size()) + r.params.max_tokens;
+  int64_t length = prompt_tokens + max_tokens;
   if (!config.sliding_window) length = std::min(length, config.max_seq_len);
   const int64_t B = model_.block_size();
   const int64_t blocks = (length + B - 1) / B;
@@ -113,7 +113,7 @@ Scheduler::Request* Scheduler::make_request(std::vector<int32_t> prompt, const R
       request->history.push_back(token);
       request->history_counts.push_back(0);
     }
-  const int64_t needed = blocks_to_fit_alone(*request);
+  const int64_t needed = blocks_to_fit_alone(static_cast<int64_t>(request->prompt.size()), params.max_tokens);
   if (needed > model_.num_blocks())
     fail(ErrorKind::kInvalidRequest, "this request needs ", needed, " KV blocks (", request->prompt.size(),
          " prompt tokens + max_tokens ", params.max_tokens, ") but the pool has only ", model_.num_blocks(),

@@ -81,6 +81,9 @@ class Scheduler {
   size_t num_waiting() const { return waiting_.size(); }
   const SchedulerStats& stats() const { return stats_; }
   const SchedulerOptions& options() const { return options_; }
+  // KV blocks a request of this many prompt tokens and max_tokens needs when it runs alone:
+  // add() refuses one needing more than the pool has.
+  int64_t blocks_to_fit_alone(int64_t prompt_tokens, int32_t max_tokens) const;
 
  private:
   struct Request {
@@ -111,7 +114,6 @@ class Scheduler {
   void release(Request* request);
   // Appends `token` and returns the finish reason it causes.
   FinishReason accept(Request* request, const SampledToken& token, int32_t* stop_token);
-  int64_t blocks_to_fit_alone(const Request& request) const;
 
   Model& model_;
   SchedulerOptions options_;
