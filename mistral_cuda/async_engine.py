@@ -97,6 +97,9 @@ class _Tracked:
             pass
 
 
+_WAKE_UP = object()  # put in a request's queue by abort(): no tokens, look at `finished`
+
+
 class RequestStream:
     """The outputs of one request, as an async iterator of cumulative RequestOutputs (every
     token arrived so far; several steps are merged when the consumer is slower than the
@@ -117,22 +120,28 @@ class RequestStream:
         self._finish: List[Optional[str]] = [None] * n
         self._stop: List[Union[None, int, str]] = [None] * n
         self.finished = False
+        self._last_taken = False  # the finished output was returned: the iterator is exhausted
 
     def __aiter__(self) -> "RequestStream":
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self.finished:
+        if self._last_taken:
             raise StopAsyncIteration
-        events = [await self._tracked.out.get()]
-        while not self._tracked.out.empty():
-            events.append(self._tracked.out.get_nowait())
-        for event in events:
-            self._apply(event)
+        if not self.finished:
+            events = [await self._tracked.out.get()]
+            while not self._tracked.out.empty():
+                events.append(self._tracked.out.get_nowait())
+            for event in events:
+                self._apply(event)
+        self._last_taken = self.finished
         return self._snapshot()
 
     def _apply(self, event) -> None:
+        if event is _WAKE_UP:
+            return
         if isinstance(event, BaseException):
+            self._last_taken = True
             self._end()
             raise event
         now, deltas = event
@@ -180,7 +189,7 @@ class RequestStream:
 
     def abort(self) -> None:
         """Stops the request now (its blocks are freed before the scheduler's next step); the
-        iterator then ends, its outputs finished with "abort"."""
+        iterator then gives one last output (finished, unfinished samples with "abort") and ends."""
         if self.finished:
             return
         for i, reason in enumerate(self._finish):
@@ -188,6 +197,7 @@ class RequestStream:
                 self._finish[i] = "abort"
         self._engine._abort_tracked(self._tracked)
         self._end()
+        self._tracked.out.put_nowait(_WAKE_UP)  # a consumer waiting for tokens gets the final output
 
 
 class AsyncEngine:

@@ -462,14 +462,22 @@ def test_serve_command(v1, offline):
     (["--max-waiting-requests", "-1"], "--max-waiting-requests"),
     (["--api-key", " "], "--api-key"),
     (["--dtype", "int3"], "--dtype"),
+    (["--host"], "--host"),
 ])
-def test_serve_flags_checked_before_loading(v1, flags, pattern):
-    r = subprocess.run([sys.executable, "-m", "mistral_cuda", "serve", str(v1.path), *flags],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and pattern in r.stderr and "usage" in r.stderr, r.stderr
-    r = subprocess.run([sys.executable, "-m", "mistral_cuda", "serve", "/no/such/dir"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "MODEL_DIR" in r.stderr, r.stderr
+def test_serve_flags_checked_before_loading(v1, flags, pattern, capsys, monkeypatch):
+    from mistral_cuda import cli, server
+
+    def no_load(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(server, "run_server", no_load)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", str(v1.path), *flags])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and pattern in err and "usage" in err, err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "/no/such/dir"])
+    assert exit_.value.code == 2 and "MODEL_DIR" in capsys.readouterr().err
 
 
 def test_readme_serving_section_matches_parser():
