@@ -91,10 +91,21 @@ class _Tracked:
         self.aborted = False                     # set by the coroutine side
 
     def post(self, event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
+        _post_all(self.loop, [(self, event)])
+
+
+def _deliver(items: List[Tuple["_Tracked", object]]) -> None:
+    for tracked, event in items:
+        tracked.out.put_nowait(event)
+
+
+def _post_all(loop, items: List[Tuple["_Tracked", object]]) -> None:
+    """Hands events to their requests' queues on `loop`: one wake-up of the loop for them all
+    (each call_soon_threadsafe writes to the loop's self-pipe)."""
+    try:
+        loop.call_soon_threadsafe(_deliver, items)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        pass
 
 
 _WAKE_UP = object()  # put in a request's queue by abort(): no tokens, look at `finished`
@@ -411,6 +422,7 @@ class AsyncEngine:
                     scheduler.abort(core_id)
                 del live[core_id]
             touched.setdefault(id(tracked), (tracked, {}))[1][sample] = None
+        by_loop: Dict[int, Tuple[object, list]] = {}
         for tracked, samples in touched.values():
             if tracked.aborted:
                 continue
@@ -426,7 +438,9 @@ class AsyncEngine:
                     finish_reason=request.finish_reason,
                     stop_reason=request.stop_reason,
                 ))
-            tracked.post((now, deltas))
+            by_loop.setdefault(id(tracked.loop), (tracked.loop, []))[1].append((tracked, (now, deltas)))
+        for loop, items in by_loop.values():
+            _post_all(loop, items)
 
     def _abort_all(self, scheduler: _C.Scheduler, live: Dict[int, Tuple[_Tracked, int]]) -> None:
         for core_id, (tracked, _) in list(live.items()):
