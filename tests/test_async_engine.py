@@ -169,3 +169,20 @@ def test_waiting_queue_bound(v1):
         engine.shutdown()
     with pytest.raises(ValueError):
         mc.AsyncEngine(engine.engine, max_waiting_requests=0)
+
+
+def test_request_larger_than_the_pool_is_refused(mistral_full, load_engine):
+    """Full attention, 4 blocks of 16: a 100-token prompt cannot fit even alone; the core's
+    refusal comes back to add_request, and the engine goes on."""
+    engine = mc.AsyncEngine(load_engine(mistral_full, num_blocks=4, progress=False))
+    try:
+        async def main():
+            with pytest.raises(mc.InvalidRequestError):
+                await engine.add_request(list(range(1, 101)), mc.SamplingParams(max_tokens=4))
+            assert engine.num_unfinished == 0
+            out = await final(engine, [1, 2, 3], mc.SamplingParams(max_tokens=4, seed=0))
+            assert len(out.outputs[0].token_ids) == 4
+
+        run(main())
+    finally:
+        engine.shutdown()

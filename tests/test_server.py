@@ -240,6 +240,39 @@ def test_completion_logprobs_shape(server, offline):
     assert all(1 <= len(t) <= 2 for t in lp["top_logprobs"]) and lp["text_offset"][0] == 0
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_chat_with_tools_on_v3(tmp_path_factory):
+    """tools reach the template; a completion forced to start with [TOOL_CALLS] (logit_bias)
+    ends as Engine.chat ends it (its calls, or its text when they do not parse), streamed or not."""
+    v3 = cm.get_chat_model("v3", tmp_path_factory)
+    offline = cm.load_engine(v3)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    call = offline.tokenizer.tool_call_token
+    p = mc.SamplingParams(max_tokens=12, seed=4, logit_bias={call: 30.0})
+    ref = offline.chat(messages, p, tools=TOOLS)
+    assert ref.token_ids[0] == call
+    s = ServerThread(build_app(mc.AsyncEngine(cm.load_engine(v3)), MODEL))
+    try:
+        body = {"model": MODEL, "messages": messages, "tools": TOOLS, "max_tokens": 12, "seed": 4,
+                "logit_bias": {str(call): 30.0}}
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60).json()
+        choice = r["choices"][0]
+        assert r["usage"]["prompt_tokens"] == len(offline.tokenizer.encode_chat(messages, tools=TOOLS))
+        assert choice["finish_reason"] == ref.finish_reason
+        assert choice["message"]["content"] == (ref.text if not ref.tool_calls else None)
+        assert [c["function"] for c in choice["message"].get("tool_calls") or []] == [
+            c["function"] for c in ref.tool_calls or []]
+        events = sse_events(httpx.post(s.url + "/v1/chat/completions", json=dict(body, stream=True), timeout=60).text)
+        deltas = [e["choices"][0]["delta"] for e in events]
+        assert "".join(d.get("content") or "" for d in deltas) == (ref.text if not ref.tool_calls else "")
+        assert events[-1]["choices"][0]["finish_reason"] == ref.finish_reason
+    finally:
+        s.close()
+
+
 # ---- load: 256 concurrent streams, a quarter cancelled --------------------------------------
 
 def test_256_concurrent_streams_with_cancellations(server, offline):
@@ -317,6 +350,15 @@ def test_disconnect_mid_stream_frees_blocks_at_once(server):
     start = time.monotonic()
     wait_idle(server.url, timeout=5)
     assert time.monotonic() - start < 5  # 900 tokens would take far longer than the abort
+
+
+def test_disconnect_before_a_non_streamed_answer_aborts(server):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.3))
+    start = time.monotonic()
+    wait_idle(server.url, timeout=5)
+    assert time.monotonic() - start < 5
 
 
 # ---- errors -----------------------------------------------------------------------------
