@@ -120,6 +120,7 @@ class RequestStream:
         self._engine = engine
         self._tracked = tracked
         self.request_id = tracked.request_id
+        self.n = len(tracked.requests)  # completions (SamplingParams.n)
         self.prompt_token_ids = list(tracked.requests[0].prompt_ids)
         self.metrics = RequestMetrics(arrival_time=time.perf_counter())
         n = len(tracked.requests)

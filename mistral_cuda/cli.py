@@ -333,6 +333,11 @@ def cmd_demo(args, params: Optional[SamplingParams]) -> int:
 
 
 def cmd_serve(args, params: Optional[SamplingParams]) -> int:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"serve needs {', '.join(missing)}: pip install 'mistral-cuda[serve]'")
     if resolve_device(args.device) == "cpu" and "OMP_WAIT_POLICY" not in os.environ:
         # OpenMP workers that spin between parallel regions starve the HTTP thread and the
         # clients of CPU (3-4x lower throughput measured on 2 cores). libgomp reads the policy

@@ -408,7 +408,7 @@ class OpenAIServer:
         tokenizer = self.engine.tokenizer
         base = {**meta, "object": "chat.completion.chunk"}
         extra = {"usage": None} if include_usage else {}
-        n = len(stream._tracked.requests)
+        n = stream.n
         sent = [_Choice() for _ in range(n)]
 
         def chunk(index: int, delta: dict, logprobs=None, finish=None) -> str:
@@ -496,7 +496,7 @@ class OpenAIServer:
         tokenizer = self.engine.tokenizer
         base = {**meta, "object": "text_completion"}
         extra = {"usage": None} if include_usage else {}
-        sent = [_Choice() for _ in range(len(stream._tracked.requests))]
+        sent = [_Choice() for _ in range(stream.n)]
 
         async def events(last_box: list) -> AsyncIterator[str]:
             async for out in stream:
