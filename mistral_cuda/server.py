@@ -84,11 +84,15 @@ def _engine_error(e: BaseException) -> APIError:
     """What the engine raised for a request, as the client should see it."""
     if isinstance(e, QueueFullError):
         return APIError(503, str(e), type_="service_unavailable_error", code="queue_full")
-    if isinstance(e, ValueError):  # SamplingParams names the field: "SamplingParams.top_p must be ..."
-        match = re.search(r"SamplingParams\.(\w+)", str(e))
-        return _bad_request(re.sub(r"SamplingParams\.", "", str(e)), match.group(1) if match else None)
-    if isinstance(e, (_C.InvalidRequestError, TypeError)):
-        return _bad_request(str(e))
+    if isinstance(e, (ValueError, TypeError, _C.InvalidRequestError)):
+        # SamplingParams names the field ("SamplingParams.top_p must be ..."), the core's checks
+        # start with it ("logit_bias entry ...", "stop token id ...").
+        message = str(e)
+        named = re.search(r"SamplingParams\.(\w+)", message)
+        field = named.group(1) if named else next(
+            (f for key, f in (("logit_bias", "logit_bias"), ("stop token id", "stop_token_ids")) if message.startswith(key)),
+            None)
+        return _bad_request(message.replace("SamplingParams.", ""), field)
     return APIError(500, f"internal error: {e}", type_="internal_server_error")
 
 
@@ -97,7 +101,7 @@ def _engine_error(e: BaseException) -> APIError:
 class _Strict(BaseModel):
     # Strict types ("1" is not an int) and no unknown fields: a client's typo is a 400 naming
     # the field, not a silently ignored parameter.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -150,7 +154,7 @@ class CompletionRequest(_SamplingFields):
 def _parse(model: type, body: bytes):
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
         raise _bad_request(f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise _bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
@@ -464,7 +468,10 @@ class OpenAIServer:
         if isinstance(req.prompt, str):
             if not req.prompt:
                 raise _bad_request("prompt is empty", "prompt")
-            prompt_ids = tokenizer.encode(req.prompt, bos=True)  # as Engine.generate encodes a str
+            try:
+                prompt_ids = tokenizer.encode(req.prompt, bos=True)  # as Engine.generate encodes a str
+            except (_C.InvalidRequestError, ValueError) as e:  # e.g. a lone surrogate
+                raise _bad_request(str(e), "prompt") from None
         else:
             prompt_ids = list(req.prompt)
             vocab = self.engine.config.vocab_size

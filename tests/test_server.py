@@ -399,6 +399,12 @@ BAD_REQUESTS = [
     ("/v1/completions", dict(COMPLETION, frequency_penalty=3), 400, "frequency_penalty"),
     ("/v1/completions", dict(COMPLETION, min_tokens=30, max_tokens=10), 400, "min_tokens"),
     ("/v1/completions", dict(COMPLETION, model=None), 400, "model"),
+    ("/v1/completions", b'{"model": "tiny-v1", "prompt": "hi", "temperature": NaN}', 400, "temperature"),
+    ("/v1/completions", b'{"model": "tiny-v1", "prompt": "hi", "logit_bias": {"5": Infinity}}', 400, "logit_bias.5"),
+    ("/v1/completions", dict(COMPLETION, logit_bias={"99999999": 1}), 400, "logit_bias"),
+    ("/v1/completions", dict(COMPLETION, stop_token_ids=[99999999]), 400, "stop_token_ids"),
+    ("/v1/completions", b'{"model": "tiny-v1", "prompt": "\\ud800"}', 400, "prompt"),
+    ("/v1/completions", b'{"model": "tiny-v1", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
     ("/v1/nothing", COMPLETION, 404, None),
 ]
 
