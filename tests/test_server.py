@@ -420,6 +420,43 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param):
         assert error["param"] == param, error
 
 
+FUZZ_VALUES = [None, True, 0, 1, -1, 3.5, 1e308, 2**64, "", "x", "1", [], [1], ["a"], [""], {}, {"a": 1}, {"1": 1},
+               [[1]], [None], [{"role": "user", "content": "hi"}], {"include_usage": True}, "auto", {"type": "text"}]
+CHAT_FIELDS = ["messages", "model", "n", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+               "temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "user",
+               "top_k", "min_p", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos", "logprobs",
+               "top_logprobs", "tools", "tool_choice", "response_format", "unknown_field"]
+COMPLETION_FIELDS = ["prompt", "model", "n", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed",
+                     "stop", "logit_bias", "top_k", "min_p", "min_tokens", "stop_token_ids", "logprobs", "echo",
+                     "best_of", "suffix", "unknown_field"]
+
+
+def test_random_bodies_never_get_a_5xx(server):
+    """Valid bodies with 1..3 fields set to random JSON values: 200 (a complete answer or
+    stream) or a 4xx with OpenAI's error JSON, never a 5xx."""
+    rng = random.Random(2024)
+    statuses = {}
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for _ in range(150):
+            chat = rng.random() < 0.5
+            body = dict(CHAT if chat else COMPLETION, max_tokens=3)
+            for _ in range(rng.randint(1, 3)):
+                body[rng.choice(CHAT_FIELDS if chat else COMPLETION_FIELDS)] = rng.choice(FUZZ_VALUES)
+            for field, cap in (("max_tokens", 3), ("max_completion_tokens", 3), ("n", 3)):
+                if type(body.get(field)) is int and body[field] > cap:
+                    body[field] = cap
+            r = http.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (body, r.text)
+            if r.status_code != 200:
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}, (body, r.text)
+            elif r.headers["content-type"].startswith("text/event-stream"):
+                sse_events(r.text)
+            else:
+                assert r.json()["choices"], (body, r.text)
+    assert statuses.get(200) and statuses.get(400), statuses
+
+
 def test_openai_client_raises_typed_errors(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=-1)
