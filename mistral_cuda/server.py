@@ -14,8 +14,10 @@ import asyncio
 import hmac
 import json
 import re
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -27,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mistral_cuda import _C, tool_calls
 from mistral_cuda.async_engine import AsyncEngine, QueueFullError, RequestStream
-from mistral_cuda.generation import CompletionOutput, RequestOutput
+from mistral_cuda.generation import RequestOutput
 from mistral_cuda.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 MAX_N = 64  # completions per request (each is one sequence in the KV pool)
@@ -646,9 +648,6 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: Optional[str] = Non
 
 def run_server(args) -> int:
     """`mistral-cuda serve` with its parsed (and checked) arguments."""
-    import sys
-    from pathlib import Path
-
     import uvicorn
 
     engine = AsyncEngine.from_pretrained(
