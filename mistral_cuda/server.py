@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -201,6 +202,19 @@ _E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
                 480.0, 960.0, 1920.0, 7680.0]
 
 
+class _PreemptionCounter:
+    """vLLM's num_preemptions counter, read from the scheduler's own count at each scrape."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str):
+        self._engine, self._model_name = engine, model_name
+
+    def collect(self):
+        family = CounterMetricFamily("mistral_cuda:num_preemptions", "Requests preempted (recomputed later).",
+                                     labels=["model_name"])
+        family.add_metric([self._model_name], self._engine.stats.preemptions)
+        yield family
+
+
 class Metrics:
     """Prometheus metrics on a private registry, named as vLLM names them (vllm: -> mistral_cuda:),
     each labelled with model_name."""
@@ -232,6 +246,7 @@ class Metrics:
         self._success = Counter("mistral_cuda:request_success", "Requests finished, by finish reason.",
                                 labels + ["finished_reason"], registry=r)
         self._model_name = model_name
+        r.register(_PreemptionCounter(engine, model_name))
 
     def observe(self, stream: RequestStream, last: Optional[RequestOutput]) -> None:
         """Records a request that ended (finished, aborted or failed)."""
