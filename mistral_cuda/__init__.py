@@ -31,6 +31,7 @@ from mistral_cuda._C import (
 )
 from mistral_cuda import sampling
 from mistral_cuda.engine import ChatStream, Engine, InsufficientMemoryError, Stream
+from mistral_cuda.async_engine import AsyncEngine, QueueFullError, RequestStream
 from mistral_cuda.generation import CompletionOutput, RequestOutput
 from mistral_cuda.guards import ContentFilteredError, Guard, KeywordGuard, SelfReflectionGuard
 from mistral_cuda.llm import LLM
@@ -40,6 +41,7 @@ from mistral_cuda.tokenizer import StreamDecoder, TekkenStreamDecoder, Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncEngine",
     "CacheFullError",
     "ChatStream",
     "CheckpointError",
@@ -54,7 +56,9 @@ __all__ = [
     "LLM",
     "ModelConfig",
     "ModelNotFoundError",
+    "QueueFullError",
     "RequestOutput",
+    "RequestStream",
     "SamplingParams",
     "SelfReflectionGuard",
     "Stream",

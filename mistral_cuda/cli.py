@@ -1,4 +1,4 @@
-"""The `mistral-cuda` command: generate, chat, demo.
+"""The `mistral-cuda` command: generate, chat, serve, demo.
 
 Every option is checked (sampling values, device and dtype, the prompt file) before the model
 is touched, with argparse's usage message and exit status 2. The completion goes to stdout;
@@ -9,6 +9,7 @@ the loading bar, statistics, logprobs and notices go to stderr. SIGINT (Ctrl-C) 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
@@ -27,6 +28,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+API_KEY_ENV = "MISTRAL_CUDA_API_KEY"  # serve's --api-key when the flag is not given
 
 
 def _positive_int(text: str) -> int:
@@ -322,9 +324,69 @@ def cmd_chat(args, params: SamplingParams) -> int:
 
 
 def cmd_demo(args, params: Optional[SamplingParams]) -> int:
-    from mistral_cuda.demo import run_demo
+    from mistral_cuda.demo import demo_checkpoint, run_demo
 
+    if args.print_dir:
+        print(demo_checkpoint(args.cache_dir)[0])
+        return 0
     return run_demo(args.cache_dir, args.device, args.max_tokens)
+
+
+def cmd_serve(args, params: Optional[SamplingParams]) -> int:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"serve needs {', '.join(missing)}: pip install 'mistral-cuda[serve]'")
+    if resolve_device(args.device) == "cpu" and "OMP_WAIT_POLICY" not in os.environ:
+        # OpenMP workers that spin between parallel regions starve the HTTP thread and the
+        # clients of CPU (3-4x lower throughput measured on 2 cores). libgomp reads the policy
+        # once, when it is loaded (with mistral_cuda._C), hence the re-exec, before any loading.
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, "-m", "mistral_cuda", *args.argv])
+    from mistral_cuda.server import run_server
+
+    return run_server(args)
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
+    return value
+
+
+def _add_serve_args(serve: argparse.ArgumentParser) -> None:
+    from mistral_cuda.async_engine import DEFAULT_MAX_WAITING_REQUESTS
+
+    _add_model_args(serve)
+    g = serve.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    g.add_argument("--port", type=_port, default=8000, help="TCP port")
+    g.add_argument("--api-key", default=None, metavar="KEY",
+                   help=f"require 'Authorization: Bearer KEY' on every route but /health (else ${API_KEY_ENV})")
+    g.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model name clients send (None: the model directory's name)")
+    g.add_argument("--max-num-seqs", type=_positive_int, default=64, metavar="N",
+                   help="sequences the scheduler runs together")
+    g.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048, metavar="N",
+                   help="tokens of one step: decode tokens first, prompt chunks in the rest")
+    g.add_argument("--max-waiting-requests", type=_positive_int, default=DEFAULT_MAX_WAITING_REQUESTS, metavar="N",
+                   help="sequences admitted but not running before new requests get 503")
+    g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level")
+
+
+def _check_serve(parser: argparse.ArgumentParser, args) -> None:
+    _check_device(parser, args)
+    if args.api_key is None:
+        args.api_key = os.environ.get(API_KEY_ENV) or None
+    if args.api_key is not None and not args.api_key.strip():
+        parser.error("--api-key: the key is empty")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        parser.error("--served-model-name: the name is empty")
+    if not Path(args.model_dir).is_dir():
+        parser.error(f"MODEL_DIR {args.model_dir!r} is not a directory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,12 +424,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the demo checkpoint is kept")
     demo.add_argument("--max-tokens", type=_positive_int, default=64, metavar="N", help="tokens to decode")
     demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    demo.add_argument("--print-dir", action="store_true",
+                      help="build the demo checkpoint if needed, print its directory and exit (for serve)")
     demo.set_defaults(run=cmd_demo, parser=demo, sampled=False)
+
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)",
+        formatter_class=formatter,
+    )
+    _add_serve_args(serve)
+    serve.set_defaults(run=cmd_serve, parser=serve, sampled=False)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     params = None
     if args.sampled:
         try:
@@ -378,6 +451,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         _check_guard_args(args.parser, args)
         if getattr(args, "prompt", None) is not None:
             args.prompt = _read_prompt(args.parser, args.prompt)
+    elif args.command == "serve":
+        _check_serve(args.parser, args)
     try:
         return args.run(args, params)
     except KeyboardInterrupt:

@@ -337,7 +337,7 @@ def _options(parser):
     return [a for a in parser._actions if a.option_strings and a.dest != "help"]
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "demo"])
+@pytest.mark.parametrize("command", ["generate", "chat", "demo", "serve"])
 def test_help_shows_every_default(command):
     r = subprocess.run(
         [sys.executable, "-m", "mistral_cuda", command, "--help"], capture_output=True, text=True, timeout=60,

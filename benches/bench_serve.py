@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Serving load test, in the manner of vLLM's benchmark_serving.py.
+
+Starts `mistral-cuda serve MODEL_DIR` on a free 127.0.0.1 port (or uses --base-url, loopback
+only), then sends --num-prompts streaming /v1/completions requests from --max-concurrency
+concurrent clients (or at a Poisson --request-rate), with prompts of mixed length (random
+words, --input-len MIN:MAX tokens) and outputs of --output-len MIN:MAX tokens (ignore_eos, so
+every request generates exactly its max_tokens), seeded. Reports requests/s, output tokens/s,
+and mean / p50 / p99 of time to first token (TTFT), inter-token latency (ITL, the gaps between
+streamed chunks) and end-to-end latency.
+
+Peer, same run, same machine, same OpenMP wait policy (passive, as `serve` sets it on the CPU),
+while the server idles: the offline mc.Engine generating the
+same requests in one call (continuous batching without HTTP); server load and offline run
+alternate --repeats times and the best of each is reported. The ratio server / offline is the
+cost of the HTTP path and of the clients (on the same cores); the seeded texts must be identical.
+
+Usage: python benches/bench_serve.py [MODEL_DIR] [--quick]   (default MODEL_DIR: the demo model)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List
+from urllib.parse import urlparse
+
+import httpx
+
+import mistral_cuda as mc
+
+MAX_PROMPTS = 5000  # the load is bounded
+WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
+         "government company number group problem fact the of and a to in is you that it he was for on are").split()
+
+
+@dataclass
+class Result:
+    ok: bool
+    text: str = ""
+    output_tokens: int = 0
+    ttft: float = 0.0
+    itl: List[float] = field(default_factory=list)
+    latency: float = 0.0
+    error: str = ""
+
+
+def span(text: str) -> tuple:
+    low, _, high = text.partition(":")
+    low, high = int(low), int(high or low)
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return low, high
+
+
+def loopback_url(text: str) -> str:
+    host = urlparse(text).hostname
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise argparse.ArgumentTypeError(f"--base-url must be a loopback address, got {text!r}")
+    return text.rstrip("/")
+
+
+def make_requests(tokenizer, n: int, input_len: tuple, output_len: tuple, seed: int) -> list:
+    """(prompt text, its token count, max_tokens, seed) per request."""
+    rng = random.Random(seed)
+    requests = []
+    for i in range(n):
+        target = rng.randint(*input_len)
+        words = []
+        while len(tokenizer.encode(" ".join(words), bos=True)) < target:
+            words.append(rng.choice(WORDS))
+        prompt = " ".join(words)
+        requests.append((prompt, len(tokenizer.encode(prompt, bos=True)), rng.randint(*output_len), 1000 + i))
+    return requests
+
+
+async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, seed: int) -> Result:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "seed": seed, "temperature": 0.8,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    last, pieces, result = start, [], Result(ok=False)
+    try:
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return Result(ok=False, error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if not event["choices"]:
+                    result.output_tokens = event["usage"]["completion_tokens"]
+                    continue
+                text = event["choices"][0]["text"]
+                if not text:
+                    continue
+                now = time.perf_counter()
+                if not pieces:
+                    result.ttft = now - start
+                else:
+                    result.itl.append(now - last)
+                last = now
+                pieces.append(text)
+    except httpx.HTTPError as e:
+        return Result(ok=False, error=f"{type(e).__name__}: {e}")
+    result.ok, result.text, result.latency = True, "".join(pieces), time.perf_counter() - start
+    return result
+
+
+async def run_load(base_url: str, model: str, requests: list, concurrency: int, rate: float, seed: int):
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    gate = asyncio.Semaphore(concurrency)
+    rng = random.Random(seed)
+
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=600) as http:
+        await one_request(http, model, "warm up", 2, 0)
+
+        async def limited(prompt, max_tokens, request_seed):
+            async with gate:
+                return await one_request(http, model, prompt, max_tokens, request_seed)
+
+        tasks = []
+        start = time.perf_counter()
+        for prompt, _, max_tokens, request_seed in requests:
+            tasks.append(asyncio.ensure_future(limited(prompt, max_tokens, request_seed)))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start
+
+
+def start_server(args) -> tuple:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "mistral_cuda", "serve", args.model_dir, "--port", str(port),
+               "--device", args.device, "--served-model-name", "bench", "--log-level", "warning",
+               "--max-num-seqs", str(args.max_num_seqs)]
+    if args.num_blocks:
+        command += ["--num-blocks", str(args.num_blocks)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("the server did not start within 300 s")
+        time.sleep(0.2)
+
+
+def percentile(values: List[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("model_dir", nargs="?", default=None, help="model directory (None: the demo model)")
+    parser.add_argument("--num-prompts", type=int, default=128, help=f"requests sent (1..{MAX_PROMPTS})")
+    parser.add_argument("--max-concurrency", type=int, default=32, help="clients with a request in flight")
+    parser.add_argument("--request-rate", type=float, default=float("inf"),
+                        help="requests/s (Poisson arrivals); inf sends them all at once")
+    parser.add_argument("--input-len", type=span, default=(16, 512), help="prompt tokens, MIN:MAX")
+    parser.add_argument("--output-len", type=span, default=(32, 128), help="generated tokens, MIN:MAX")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="the server's --max-num-seqs")
+    parser.add_argument("--num-blocks", type=int, default=None, help="the server's --num-blocks")
+    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--base-url", type=loopback_url, default=None,
+                        help="a server already running on loopback (serving MODEL_DIR as 'bench')")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, choices=range(1, 6), metavar="R",
+                        help="server and offline runs, alternated; the best of each is reported (1..5)")
+    parser.add_argument("--quick", action="store_true", help="32 prompts, inputs 16..256, outputs 16..64")
+    args = parser.parse_args()
+    if "OMP_WAIT_POLICY" not in os.environ:
+        # The same OpenMP policy as `mistral-cuda serve` on the CPU (passive), so that the
+        # ratio measures the HTTP path, not the policy; libgomp reads it when it is loaded.
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    if args.quick:
+        args.num_prompts, args.input_len, args.output_len = 32, (16, 256), (16, 64)
+    if not 1 <= args.num_prompts <= MAX_PROMPTS or args.max_concurrency < 1:
+        parser.error(f"--num-prompts must be in 1..{MAX_PROMPTS} and --max-concurrency >= 1")
+    if args.model_dir is None:
+        from mistral_cuda.demo import default_cache_dir, demo_checkpoint
+
+        args.model_dir = str(demo_checkpoint(default_cache_dir())[0])
+
+    tokenizer = mc.Tokenizer.from_file(mc.tokenizer.find_tokenizer_file(args.model_dir))
+    requests = make_requests(tokenizer, args.num_prompts, args.input_len, args.output_len, args.seed)
+
+    # The peer: the offline engine on the same requests, in this process, while the server idles.
+    engine = mc.Engine.from_pretrained(args.model_dir, device=args.device, max_num_seqs=args.max_num_seqs,
+                                       num_blocks=args.num_blocks, progress=False)
+    params = [mc.SamplingParams(max_tokens=m, seed=s, temperature=0.8, ignore_eos=True) for _, _, m, s in requests]
+    engine.generate(["warm up"], mc.SamplingParams(max_tokens=2, seed=0))
+
+    proc = None
+    if args.base_url is None:
+        proc, base_url = start_server(args)
+    else:
+        base_url = args.base_url
+    # Server load and offline run alternate --repeats times; the best of each is reported (the
+    # machine may be shared: a burst of other work then hits both alike).
+    runs, offline_runs = [], []
+    try:
+        for _ in range(args.repeats):
+            runs.append(asyncio.run(run_load(base_url, "bench", requests, args.max_concurrency, args.request_rate,
+                                             args.seed)))
+            t0 = time.perf_counter()
+            offline = engine.generate([req[0] for req in requests], params)
+            offline_runs.append((offline, time.perf_counter() - t0))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    results, elapsed = min(runs, key=lambda run: run[1])
+    offline, offline_s = min(offline_runs, key=lambda run: run[1])
+
+    failed = [r for run, _ in runs for r in run if not r.ok]
+    good = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in good)
+    in_tokens = sum(req[1] for req, r in zip(requests, results) if r.ok)
+    ttfts = [r.ttft for r in good]
+    itls = [gap for r in good for gap in r.itl]
+    latencies = [r.latency for r in good]
+    offline_tokens = sum(len(o.token_ids) for o in offline)
+    same = all(r.text == o.text for run, _ in runs for r, o in zip(run, offline) if r.ok)
+
+    ms = 1000.0
+    print(f"mistral_cuda bench_serve: {args.num_prompts} requests, concurrency {args.max_concurrency}, rate "
+          f"{args.request_rate}, prompts {args.input_len[0]}..{args.input_len[1]} tokens, outputs "
+          f"{args.output_len[0]}..{args.output_len[1]}, model {os.path.basename(args.model_dir.rstrip('/'))} on "
+          f"{engine.device}, server --max-num-seqs {args.max_num_seqs}, best of {args.repeats}")
+    print()
+    print("| measure | value |")
+    print("|---|---|")
+    print(f"| successful / failed requests | {len(good)} / {len(failed)} |")
+    print(f"| duration (s) | {elapsed:.2f} |")
+    print(f"| requests/s | {len(good) / elapsed:.2f} |")
+    print(f"| input tokens/s | {in_tokens / elapsed:.1f} |")
+    print(f"| output tokens/s | {out_tokens / elapsed:.1f} |")
+    for name, values in (("TTFT", ttfts), ("ITL", itls), ("E2E latency", latencies)):
+        mean = statistics.fmean(values) if values else float("nan")
+        print(f"| {name} mean / p50 / p99 (ms) | {mean * ms:.1f} / {percentile(values, 50) * ms:.1f} / "
+              f"{percentile(values, 99) * ms:.1f} |")
+    print(f"| offline Engine (peer), output tokens/s | {offline_tokens / offline_s:.1f} ({offline_s:.2f} s) |")
+    print(f"| ratio server / offline (output tokens/s) | {(out_tokens / elapsed) / (offline_tokens / offline_s):.2f}x |")
+    print(f"| seeded texts identical to offline | {same} |")
+    if failed:
+        print(f"first failure: {failed[0].error}", file=sys.stderr)
+        raise SystemExit(1)
+    if not same:
+        raise SystemExit("server texts differ from the offline engine's")
+
+
+if __name__ == "__main__":
+    main()
