@@ -45,6 +45,7 @@ class EngineStats:
     free_blocks: int = 0
     steps: int = 0
     preemptions: int = 0
+    generation_tokens: int = 0  # tokens sampled for requests, counted as each step makes them
 
     @property
     def kv_cache_usage(self) -> float:
@@ -232,6 +233,7 @@ class AsyncEngine:
         self._thread: Optional[threading.Thread] = None
         self._thread_lock = threading.Lock()
         self._failure: Optional[BaseException] = None
+        self._generation_tokens = 0     # scheduler thread
         model = engine.model
         self.stats = EngineStats(num_blocks=model.num_blocks(), free_blocks=model.free_blocks())
 
@@ -415,6 +417,7 @@ class AsyncEngine:
             entry = live.get(core_id)
             if entry is None:
                 continue
+            self._generation_tokens += 1
             tracked, sample = entry
             request = tracked.requests[sample]
             request.on_token(token, logprob, rank, top, finish, stop_token)
@@ -457,5 +460,5 @@ class AsyncEngine:
         core = scheduler.stats
         self.stats = dataclasses.replace(
             self.stats, num_running=scheduler.num_running, free_blocks=model.free_blocks(),
-            steps=core["steps"], preemptions=core["preemptions"],
+            steps=core["steps"], preemptions=core["preemptions"], generation_tokens=self._generation_tokens,
         )

@@ -35,6 +35,10 @@ from mistral_cuda.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 MAX_N = 64  # completions per request (each is one sequence in the KV pool)
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# Request bodies past this get 413 before they are parsed: far above any prompt the context can
+# hold (a 128k-token prompt is ~0.5 MB of text), so that a client cannot make the server buffer
+# arbitrary amounts of memory.
+MAX_REQUEST_BYTES = 8 << 20
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -154,6 +158,21 @@ class CompletionRequest(_SamplingFields):
     suffix: Optional[str] = None
 
 
+async def _read_body(raw: Request) -> bytes:
+    """The request's body, refused with 413 once it is known to exceed MAX_REQUEST_BYTES (from
+    Content-Length, or while it streams in)."""
+    too_large = APIError(413, f"the request body exceeds {MAX_REQUEST_BYTES} bytes", param="body")
+    declared = raw.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in raw.stream():
+        body += chunk
+        if len(body) > MAX_REQUEST_BYTES:
+            raise too_large
+    return bytes(body)
+
+
 def _parse(model: type, body: bytes):
     try:
         data = json.loads(body)
@@ -202,16 +221,17 @@ _E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
                 480.0, 960.0, 1920.0, 7680.0]
 
 
-class _PreemptionCounter:
-    """vLLM's num_preemptions counter, read from the scheduler's own count at each scrape."""
+class _EngineCounter:
+    """A counter read from the engine's own count at each scrape (the scheduler thread counts;
+    vLLM's num_preemptions and generation_tokens, which grow as steps run, not as requests end)."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: AsyncEngine, model_name: str, name: str, doc: str, field: str):
         self._engine, self._model_name = engine, model_name
+        self._name, self._doc, self._field = name, doc, field
 
     def collect(self):
-        family = CounterMetricFamily("mistral_cuda:num_preemptions", "Requests preempted (recomputed later).",
-                                     labels=["model_name"])
-        family.add_metric([self._model_name], self._engine.stats.preemptions)
+        family = CounterMetricFamily(self._name, self._doc, labels=["model_name"])
+        family.add_metric([self._model_name], getattr(self._engine.stats, self._field))
         yield family
 
 
@@ -241,12 +261,13 @@ class Metrics:
                              buckets=_E2E_BUCKETS, registry=r).labels(model_name)
         self.prompt_tokens = Counter("mistral_cuda:prompt_tokens", "Prefill tokens processed.", labels,
                                      registry=r).labels(model_name)
-        self.generation_tokens = Counter("mistral_cuda:generation_tokens", "Generation tokens produced.",
-                                         labels, registry=r).labels(model_name)
         self._success = Counter("mistral_cuda:request_success", "Requests finished, by finish reason.",
                                 labels + ["finished_reason"], registry=r)
         self._model_name = model_name
-        r.register(_PreemptionCounter(engine, model_name))
+        r.register(_EngineCounter(engine, model_name, "mistral_cuda:num_preemptions",
+                                  "Requests preempted (recomputed later).", "preemptions"))
+        r.register(_EngineCounter(engine, model_name, "mistral_cuda:generation_tokens",
+                                  "Generation tokens produced.", "generation_tokens"))
 
     def observe(self, stream: RequestStream, last: Optional[RequestOutput]) -> None:
         """Records a request that ended (finished, aborted or failed)."""
@@ -257,7 +278,6 @@ class Metrics:
             self.itl.observe(gap)
         if last is None:
             return
-        self.generation_tokens.inc(sum(len(o.token_ids) for o in last.outputs))
         if last.finished and all(o.finish_reason != "abort" for o in last.outputs):
             self.e2e.observe((m.finished_time or time.perf_counter()) - m.arrival_time)
             for o in last.outputs:
@@ -382,7 +402,7 @@ class OpenAIServer:
     # -- chat ------------------------------------------------------------------------------
 
     async def chat(self, raw: Request) -> Response:
-        req: ChatCompletionRequest = _parse(ChatCompletionRequest, await raw.body())
+        req: ChatCompletionRequest = _parse(ChatCompletionRequest, await _read_body(raw))
         self._check_model(req.model)
         if req.response_format is not None and req.response_format != {"type": "text"}:
             raise _bad_request("only response_format {'type': 'text'} is supported", "response_format")
@@ -475,7 +495,7 @@ class OpenAIServer:
     # -- completions -------------------------------------------------------------------------
 
     async def completions(self, raw: Request) -> Response:
-        req: CompletionRequest = _parse(CompletionRequest, await raw.body())
+        req: CompletionRequest = _parse(CompletionRequest, await _read_body(raw))
         self._check_model(req.model)
         if req.best_of is not None and req.best_of != req.n:
             raise _bad_request("best_of must equal n (no server-side ranking)", "best_of")

@@ -32,6 +32,13 @@ class ScriptedModel:
     def live_sequences(self) -> int:
         return len(self.scheduler.requests)
 
+    # The KV-pool accounting mc.AsyncEngine reads: one block per live request.
+    def num_blocks(self) -> int:
+        return 1024
+
+    def free_blocks(self) -> int:
+        return self.num_blocks() - self.live_sequences()
+
     def next_token(self, prompt: List[int], output: List[int]) -> int:
         script = self.scripts.get(tuple(prompt))
         if script is None:
@@ -46,7 +53,7 @@ class ScriptedScheduler:
         self.model = model
         self.requests: Dict[int, SimpleNamespace] = {}
         self.next_id = 1
-        self.stats = {"last_batch_tokens": 0, "preemptions": 0}
+        self.stats = {"last_batch_tokens": 0, "preemptions": 0, "steps": 0}
 
     def add(self, prompt, params) -> int:
         rid = self.next_id
@@ -68,6 +75,10 @@ class ScriptedScheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    @property
+    def num_running(self) -> int:
+        return len(self.requests)
+
     def step(self):
         updates = []
         for rid, r in list(self.requests.items()):
@@ -83,6 +94,7 @@ class ScriptedScheduler:
                 del self.requests[rid]
             updates.append((rid, token, 0.0, 1, [], finish, stop_token))
         self.stats["last_batch_tokens"] = len(updates)
+        self.stats["steps"] += 1
         return updates
 
 

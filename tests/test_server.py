@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+import mistral_common
+
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -176,6 +178,17 @@ def test_completions_match_offline_engine(server, client, offline):
     assert r.choices[0].text == ref.text
 
 
+def test_token_counters_follow_usage(server, client):
+    """prompt_tokens_total and generation_tokens_total grow by exactly a request's usage."""
+    before = wait_idle(server.url)
+    r = client.completions.create(model=MODEL, prompt="Counting tokens", max_tokens=7, seed=3, n=2,
+                                  extra_body={"ignore_eos": True})
+    after = wait_idle(server.url)
+    assert r.usage.completion_tokens == 14
+    assert after["mistral_cuda:generation_tokens_total"] - before["mistral_cuda:generation_tokens_total"] == 14
+    assert after["mistral_cuda:prompt_tokens_total"] - before["mistral_cuda:prompt_tokens_total"] == r.usage.prompt_tokens
+
+
 def test_chat_matches_offline_engine(server, client, offline):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a French cheese."}]
     p = mc.SamplingParams(max_tokens=10, temperature=1.0, seed=99, stop=["e"])
@@ -274,6 +287,40 @@ def test_chat_with_tools_on_v3(tmp_path_factory):
 
 
 # ---- load: 256 concurrent streams, a quarter cancelled --------------------------------------
+
+def test_parsed_tool_calls_through_the_openai_client():
+    """A reply that is a valid [TOOL_CALLS] payload reaches the client as OpenAI's tool_calls
+    (content None, finish_reason "tool_calls"), streamed and not. The model is scripted (see
+    tests/scripted_model.py) so that it emits exactly that payload; the response shapes are
+    checked by the official openai client's own types."""
+    from scripted_model import ScriptedModel, engine_on
+
+    tok = mc.Tokenizer.from_file(Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3")
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    payload = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    script = [tok.tool_call_token, *tok.encode(payload, bos=False)]
+    model = ScriptedModel(tok.vocab_size, tok.eos_id, {tuple(tok.encode_chat(messages, tools=TOOLS)): script})
+    s = ServerThread(build_app(mc.AsyncEngine(engine_on(model, tok)), MODEL))
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=64)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.function.name == "get_weather" and call.id
+        assert json.loads(call.function.arguments) == {"city": "Paris"}
+        assert reply.usage.completion_tokens == len(script) + 1  # + EOS
+
+        chunks = list(client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=64,
+                                                     stream=True))
+        calls = [c for chunk in chunks for c in (chunk.choices[0].delta.tool_calls or []) if chunk.choices]
+        assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+            (0, "get_weather", {"city": "Paris"})]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ""
+    finally:
+        s.close()
+
 
 def test_256_concurrent_streams_with_cancellations(server, offline):
     rng = random.Random(13)
@@ -419,6 +466,25 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param):
     assert set(error) == {"message", "type", "param", "code"} and error["message"], error
     if param is not None:
         assert error["param"] == param, error
+
+
+def test_oversized_bodies_get_413_before_parsing(server):
+    """A body past MAX_REQUEST_BYTES is refused by its Content-Length, or while it streams in
+    (chunked, no length), with OpenAI's error JSON."""
+    from mistral_cuda.server import MAX_REQUEST_BYTES
+
+    big = json.dumps(dict(COMPLETION, prompt="x" * (MAX_REQUEST_BYTES + 10))).encode()
+    r = httpx.post(server.url + "/v1/completions", content=big, headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body", r.text[:300]
+
+    def chunks():
+        for i in range(0, len(big), 1 << 20):
+            yield big[i:i + (1 << 20)]
+
+    r = httpx.post(server.url + "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text[:300]
 
 
 FUZZ_VALUES = [None, True, 0, 1, -1, 3.5, 1e308, 2**64, "", "x", "1", [], [1], ["a"], [""], {}, {"a": 1}, {"1": 1},
