@@ -15,6 +15,13 @@ same requests in one call (continuous batching without HTTP); server load and of
 alternate --repeats times and the best of each is reported. The ratio server / offline is the
 cost of the HTTP path and of the clients (on the same cores); the seeded texts must be identical.
 
+Second peer, when llama.cpp is built (`bash benches/setup_llama_cpp.sh`; --llama-server auto):
+llama.cpp's own OpenAI-compatible llama-server on the same weights (converted to GGUF: f32 for
+an f32 checkpoint, else f16), one slot per client, the same threads, the same requests and
+clients, measured in the same alternation. Its sampler differs, so only speed is compared. The
+GGUF conversion drops Mistral's sliding window (llama.cpp's llama architecture has none): with
+prompts longer than the window, llama-server attends over more keys than we do.
+
 Usage: python benches/bench_serve.py [MODEL_DIR] [--quick]   (default MODEL_DIR: the demo model)
 """
 
@@ -37,6 +44,9 @@ from urllib.parse import urlparse
 import httpx
 
 import mistral_cuda as mc
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import llama_cpp_peer as lcp  # noqa: E402
 
 MAX_PROMPTS = 5000  # the load is bounded
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
@@ -88,6 +98,7 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_toke
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     last, pieces, result = start, [], Result(ok=False)
+    chunks = 0  # streamed choice events: one token each, for a server that sends no usage
     try:
         async with http.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -99,6 +110,7 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_toke
                 if not event["choices"]:
                     result.output_tokens = event["usage"]["completion_tokens"]
                     continue
+                chunks += 1
                 text = event["choices"][0]["text"]
                 if not text:
                     continue
@@ -112,6 +124,7 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_toke
     except httpx.HTTPError as e:
         return Result(ok=False, error=f"{type(e).__name__}: {e}")
     result.ok, result.text, result.latency = True, "".join(pieces), time.perf_counter() - start
+    result.output_tokens = result.output_tokens or chunks
     return result
 
 
@@ -137,10 +150,31 @@ async def run_load(base_url: str, model: str, requests: list, concurrency: int, 
         return results, time.perf_counter() - start
 
 
-def start_server(args) -> tuple:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, what: str, timeout: float = 300) -> None:
+    """Until GET /health answers 200 (both servers answer 503 while they load), bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"{what} did not start within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def start_server(args) -> tuple:
+    port = free_port()
     command = [sys.executable, "-m", "mistral_cuda", "serve", args.model_dir, "--port", str(port),
                "--device", args.device, "--served-model-name", "bench", "--log-level", "warning",
                "--max-num-seqs", str(args.max_num_seqs)]
@@ -148,19 +182,40 @@ def start_server(args) -> tuple:
         command += ["--num-blocks", str(args.num_blocks)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("the server did not start within 300 s")
-        time.sleep(0.2)
+    wait_healthy(proc, url, "mistral-cuda serve")
+    return proc, url
+
+
+def start_llama_server(args, gguf, threads: int) -> tuple:
+    """llama-server on 127.0.0.1: one slot per client, each with room for the longest request."""
+    port = free_port()
+    slots = min(args.max_concurrency, args.max_num_seqs)
+    slot_context = args.input_len[1] + args.output_len[1] + 16
+    command = [str(lcp.server_binary()), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+               "-np", str(slots), "-c", str(slots * slot_context), "-t", str(threads), "-tb", str(threads),
+               "--no-webui"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url, "llama-server")
+    return proc, url
+
+
+def checkpoint_gguf_type(model_dir: str) -> str:
+    """The GGUF weight type matching what our engine runs the checkpoint in on the CPU."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        dtype = json.load(f).get("torch_dtype", "float32")
+    return "f32" if dtype == "float32" else "f16"
+
+
+def summarize(results: List[Result], elapsed: float, requests: list) -> dict:
+    good = [r for r in results if r.ok]
+    return {
+        "ok": len(good), "failed": len(results) - len(good), "elapsed": elapsed,
+        "output_tokens": sum(r.output_tokens for r in good),
+        "input_tokens": sum(req[1] for req, r in zip(requests, results) if r.ok),
+        "TTFT": [r.ttft for r in good], "ITL": [gap for r in good for gap in r.itl],
+        "E2E latency": [r.latency for r in good],
+    }
 
 
 def percentile(values: List[float], q: float) -> float:
@@ -189,6 +244,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, choices=range(1, 6), metavar="R",
                         help="server and offline runs, alternated; the best of each is reported (1..5)")
     parser.add_argument("--quick", action="store_true", help="32 prompts, inputs 16..256, outputs 16..64")
+    parser.add_argument("--llama-server", choices=("auto", "on", "off"), default="auto",
+                        help="llama.cpp's llama-server as a second peer (auto: when benches/setup_llama_cpp.sh has built it)")
     args = parser.parse_args()
     if "OMP_WAIT_POLICY" not in os.environ:
         # The same OpenMP policy as `mistral-cuda serve` on the CPU (passive), so that the
@@ -213,14 +270,24 @@ def main() -> None:
     params = [mc.SamplingParams(max_tokens=m, seed=s, temperature=0.8, ignore_eos=True) for _, _, m, s in requests]
     engine.generate(["warm up"], mc.SamplingParams(max_tokens=2, seed=0))
 
+    llama = None
+    if args.llama_server != "off" and args.device != "cuda":
+        try:
+            gguf = lcp.gguf_for(args.model_dir, checkpoint_gguf_type(args.model_dir))
+            llama = start_llama_server(args, gguf, os.cpu_count() or 2)
+        except lcp.LlamaCppNotReady as e:
+            if args.llama_server == "on":
+                raise SystemExit(str(e))
+            print(f"llama-server peer skipped: {e}", file=sys.stderr)
+
     proc = None
     if args.base_url is None:
         proc, base_url = start_server(args)
     else:
         base_url = args.base_url
-    # Server load and offline run alternate --repeats times; the best of each is reported (the
-    # machine may be shared: a burst of other work then hits both alike).
-    runs, offline_runs = [], []
+    # Server load, offline run and llama-server load alternate --repeats times; the best of each
+    # is reported (the machine may be shared: a burst of other work then hits all alike).
+    runs, offline_runs, llama_runs = [], [], []
     try:
         for _ in range(args.repeats):
             runs.append(asyncio.run(run_load(base_url, "bench", requests, args.max_concurrency, args.request_rate,
@@ -228,20 +295,22 @@ def main() -> None:
             t0 = time.perf_counter()
             offline = engine.generate([req[0] for req in requests], params)
             offline_runs.append((offline, time.perf_counter() - t0))
+            if llama is not None:
+                llama_runs.append(asyncio.run(run_load(llama[1], "bench", requests, args.max_concurrency,
+                                                       args.request_rate, args.seed)))
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+        for server in (proc, llama[0] if llama else None):
+            if server is not None:
+                server.terminate()
+                server.wait(30)
     results, elapsed = min(runs, key=lambda run: run[1])
     offline, offline_s = min(offline_runs, key=lambda run: run[1])
+    ours = summarize(results, elapsed, requests)
+    columns = [("mistral_cuda serve", ours)]
+    if llama_runs:
+        columns.append(("llama-server", summarize(*min(llama_runs, key=lambda run: run[1]), requests)))
 
-    failed = [r for run, _ in runs for r in run if not r.ok]
-    good = [r for r in results if r.ok]
-    out_tokens = sum(r.output_tokens for r in good)
-    in_tokens = sum(req[1] for req, r in zip(requests, results) if r.ok)
-    ttfts = [r.ttft for r in good]
-    itls = [gap for r in good for gap in r.itl]
-    latencies = [r.latency for r in good]
+    failed = [r for run, _ in runs + llama_runs for r in run if not r.ok]
     offline_tokens = sum(len(o.token_ids) for o in offline)
     same = all(r.text == o.text for run, _ in runs for r, o in zip(run, offline) if r.ok)
 
@@ -249,28 +318,40 @@ def main() -> None:
     print(f"mistral_cuda bench_serve: {args.num_prompts} requests, concurrency {args.max_concurrency}, rate "
           f"{args.request_rate}, prompts {args.input_len[0]}..{args.input_len[1]} tokens, outputs "
           f"{args.output_len[0]}..{args.output_len[1]}, model {os.path.basename(args.model_dir.rstrip('/'))} on "
-          f"{engine.device}, server --max-num-seqs {args.max_num_seqs}, best of {args.repeats}")
+          f"{engine.device}, server --max-num-seqs {args.max_num_seqs}, best of {args.repeats}"
+          + (f", llama-server {lcp.version()}" if llama_runs else ""))
     print()
-    print("| measure | value |")
-    print("|---|---|")
-    print(f"| successful / failed requests | {len(good)} / {len(failed)} |")
-    print(f"| duration (s) | {elapsed:.2f} |")
-    print(f"| requests/s | {len(good) / elapsed:.2f} |")
-    print(f"| input tokens/s | {in_tokens / elapsed:.1f} |")
-    print(f"| output tokens/s | {out_tokens / elapsed:.1f} |")
-    for name, values in (("TTFT", ttfts), ("ITL", itls), ("E2E latency", latencies)):
-        mean = statistics.fmean(values) if values else float("nan")
-        print(f"| {name} mean / p50 / p99 (ms) | {mean * ms:.1f} / {percentile(values, 50) * ms:.1f} / "
-              f"{percentile(values, 99) * ms:.1f} |")
-    print(f"| offline Engine (peer), output tokens/s | {offline_tokens / offline_s:.1f} ({offline_s:.2f} s) |")
-    print(f"| ratio server / offline (output tokens/s) | {(out_tokens / elapsed) / (offline_tokens / offline_s):.2f}x |")
-    print(f"| seeded texts identical to offline | {same} |")
+    print("| measure | " + " | ".join(name for name, _ in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+
+    def row(label: str, cell) -> None:
+        print(f"| {label} | " + " | ".join(cell(c) for _, c in columns) + " |")
+
+    row("successful / failed requests", lambda c: f"{c['ok']} / {c['failed']}")
+    row("duration (s)", lambda c: f"{c['elapsed']:.2f}")
+    row("requests/s", lambda c: f"{c['ok'] / c['elapsed']:.2f}")
+    row("input tokens/s", lambda c: f"{c['input_tokens'] / c['elapsed']:.1f}")
+    row("output tokens/s", lambda c: f"{c['output_tokens'] / c['elapsed']:.1f}")
+    for name in ("TTFT", "ITL", "E2E latency"):
+        def cell(c, name=name):
+            values = c[name]
+            mean = statistics.fmean(values) if values else float("nan")
+            return f"{mean * ms:.1f} / {percentile(values, 50) * ms:.1f} / {percentile(values, 99) * ms:.1f}"
+        row(f"{name} mean / p50 / p99 (ms)", cell)
+    our_rate = ours["output_tokens"] / ours["elapsed"]
+    print()
+    print(f"offline Engine (peer): {offline_tokens / offline_s:.1f} output tokens/s ({offline_s:.2f} s); "
+          f"ratio server / offline {our_rate / (offline_tokens / offline_s):.2f}x")
+    if llama_runs:
+        theirs = columns[1][1]
+        print(f"ratio mistral_cuda serve / llama-server (output tokens/s): "
+              f"{our_rate / (theirs['output_tokens'] / theirs['elapsed']):.2f}x")
+    print(f"seeded texts identical to offline: {same}")
     if failed:
         print(f"first failure: {failed[0].error}", file=sys.stderr)
         raise SystemExit(1)
     if not same:
         raise SystemExit("server texts differ from the offline engine's")
-
 
 if __name__ == "__main__":
     main()

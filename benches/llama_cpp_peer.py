@@ -86,6 +86,16 @@ def version() -> str:
     return f"llama-cpp-python {sdist} sdist, {build[0] if build else 'unknown build'}"
 
 
+def server_binary() -> Path:
+    """llama.cpp's llama-server (its OpenAI-compatible HTTP server, the serving benchmark's peer),
+    built by the setup script beside llama-bench."""
+    _require()
+    binary = llama_cpp_home() / "build" / "bin" / "llama-server"
+    if not binary.is_file():
+        raise LlamaCppNotReady(f"{binary} is missing: rerun `bash benches/setup_llama_cpp.sh` (it builds llama-server)")
+    return binary
+
+
 def _require() -> dict:
     ok, why = available()
     if not ok:

@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# Build llama.cpp's CPU tools (llama-bench, llama-quantize) and unpack its own HF->GGUF converter,
-# for the llama.cpp column of benches/bench_cpu.py (see benches/llama_cpp_peer.py).
+# Build llama.cpp's CPU tools (llama-bench, llama-quantize, llama-server) and unpack its own
+# HF->GGUF converter, for the llama.cpp columns of benches/bench_cpu.py and bench_serve.py (see
+# benches/llama_cpp_peer.py).
 #
 #     bash benches/setup_llama_cpp.sh          # idempotent: a finished build is reused
 #
 # Source: the PyPI sdist of llama-cpp-python, which vendors a full llama.cpp tree
-# (vendor/llama.cpp: ggml, tools/llama-bench, tools/quantize, convert_hf_to_gguf.py, gguf-py).
+# (vendor/llama.cpp: ggml, tools/llama-bench, tools/quantize, tools/server, convert_hf_to_gguf.py,
+# gguf-py).
 # PyPI is the one registry with llama.cpp's source that this project may use (Debian 12 has no
 # llama.cpp package). Nothing is committed: everything lives under $LLAMA_CPP_HOME, git-ignored.
 #
 # Layout of $LLAMA_CPP_HOME (default benches/.llama_cpp):
 #   llama_cpp_python-<ver>.tar.gz   the downloaded sdist (kept, so a rebuild needs no network)
 #   src/                            its vendor/llama.cpp, unpacked
-#   build/bin/llama-bench, build/bin/llama-quantize
+#   build/bin/llama-bench, build/bin/llama-quantize, build/bin/llama-server
 #   READY                           written last: "<sdist version>"; its presence means usable
 #
-# Release, CPU only, -march=native (GGML_NATIVE), static libraries, only the two tool targets.
+# Release, CPU only, -march=native (GGML_NATIVE), static libraries, only the three tool targets
+# (the server without its web UI).
 # Parallelism: $LLAMA_CPP_JOBS (default 2, the size of the dev/CI machines).
 set -euo pipefail
 
@@ -27,7 +30,8 @@ python="${PYTHON:-python3}"
 sdist_name="llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}"
 
 if [[ -f "$home/READY" && "$(cat "$home/READY")" == "$LLAMA_CPP_PYTHON_VERSION" \
-      && -x "$home/build/bin/llama-bench" && -x "$home/build/bin/llama-quantize" ]]; then
+      && -x "$home/build/bin/llama-bench" && -x "$home/build/bin/llama-quantize" \
+      && -x "$home/build/bin/llama-server" ]]; then
     echo "llama.cpp (from llama-cpp-python $LLAMA_CPP_PYTHON_VERSION) is ready in $home"
     exit 0
 fi
@@ -74,7 +78,7 @@ cmake -S "$home/src" -B "$home/build" -G Ninja \
     -DLLAMA_BUILD_COMMON=ON \
     -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_SERVER=ON \
     -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_BUILD_UI=OFF \
     -DLLAMA_USE_PREBUILT_UI=OFF \
@@ -82,8 +86,8 @@ cmake -S "$home/src" -B "$home/build" -G Ninja \
     -DLLAMA_CURL=OFF \
     >"$home/configure.log" 2>&1 || { tail -30 "$home/configure.log" >&2; exit 1; }
 
-echo "== building llama-bench and llama-quantize with -j$jobs (log: $home/build.log)"
-cmake --build "$home/build" --target llama-bench llama-quantize -j "$jobs" \
+echo "== building llama-bench, llama-quantize and llama-server with -j$jobs (log: $home/build.log)"
+cmake --build "$home/build" --target llama-bench llama-quantize llama-server -j "$jobs" \
     >"$home/build.log" 2>&1 || { tail -30 "$home/build.log" >&2; exit 1; }
 
 "$home/build/bin/llama-bench" --help >/dev/null
