@@ -192,7 +192,7 @@ if want test; then
   if pick tests; then
     run_step --quiet tests "${TEST_LIMIT:-420}" "$PY" -m pytest -m cuda -v -rfEs --durations=15 \
       -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml" tests/test_cuda_ops.py tests/test_cuda_model.py \
-      tests/test_scheduler.py tests/test_quantization.py
+      tests/test_scheduler.py tests/test_quantization.py tests/test_async_engine.py
   fi
   if pick tests_moe; then
     run_step --quiet tests_moe "${TEST_MOE_LIMIT:-300}" "$PY" -m pytest -m cuda -v -rfEs --durations=15 \
