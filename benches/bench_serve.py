@@ -186,11 +186,16 @@ def start_server(args) -> tuple:
     return proc, url
 
 
+def kv_capacity(args) -> tuple:
+    """(sequences, tokens each) of KV cache both servers get: one sequence per client, each with
+    room for the longest request."""
+    return min(args.max_concurrency, args.max_num_seqs), args.input_len[1] + args.output_len[1] + 16
+
+
 def start_llama_server(args, gguf, threads: int) -> tuple:
-    """llama-server on 127.0.0.1: one slot per client, each with room for the longest request."""
+    """llama-server on 127.0.0.1 with kv_capacity(args): one slot per sequence."""
     port = free_port()
-    slots = min(args.max_concurrency, args.max_num_seqs)
-    slot_context = args.input_len[1] + args.output_len[1] + 16
+    slots, slot_context = kv_capacity(args)
     command = [str(lcp.server_binary()), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                "-np", str(slots), "-c", str(slots * slot_context), "-t", str(threads), "-tb", str(threads),
                "--no-webui"]
@@ -236,7 +241,9 @@ def main() -> None:
     parser.add_argument("--input-len", type=span, default=(16, 512), help="prompt tokens, MIN:MAX")
     parser.add_argument("--output-len", type=span, default=(32, 128), help="generated tokens, MIN:MAX")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="the server's --max-num-seqs")
-    parser.add_argument("--num-blocks", type=int, default=None, help="the server's --num-blocks")
+    parser.add_argument("--num-blocks", type=int, default=None,
+                        help="the server's --num-blocks (None: room for every client's longest request, "
+                             "as llama-server gets)")
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--base-url", type=loopback_url, default=None,
                         help="a server already running on loopback (serving MODEL_DIR as 'bench')")
@@ -261,6 +268,9 @@ def main() -> None:
 
         args.model_dir = str(demo_checkpoint(default_cache_dir())[0])
 
+    if args.num_blocks is None:
+        sequences, tokens = kv_capacity(args)
+        args.num_blocks = sequences * -(-tokens // 16)  # blocks of 16 tokens (serve's block size)
     tokenizer = mc.Tokenizer.from_file(mc.tokenizer.find_tokenizer_file(args.model_dir))
     requests = make_requests(tokenizer, args.num_prompts, args.input_len, args.output_len, args.seed)
 
@@ -318,7 +328,8 @@ def main() -> None:
     print(f"mistral_cuda bench_serve: {args.num_prompts} requests, concurrency {args.max_concurrency}, rate "
           f"{args.request_rate}, prompts {args.input_len[0]}..{args.input_len[1]} tokens, outputs "
           f"{args.output_len[0]}..{args.output_len[1]}, model {os.path.basename(args.model_dir.rstrip('/'))} on "
-          f"{engine.device}, server --max-num-seqs {args.max_num_seqs}, best of {args.repeats}"
+          f"{engine.device}, server --max-num-seqs {args.max_num_seqs} --num-blocks {args.num_blocks}, best of "
+          f"{args.repeats}"
           + (f", llama-server {lcp.version()}" if llama_runs else ""))
     print()
     print("| measure | " + " | ".join(name for name, _ in columns) + " |")
