@@ -72,7 +72,7 @@ def available() -> tuple[bool, str]:
         return False, (
             f"llama.cpp is not set up in {llama_cpp_home()} (missing: {', '.join(missing)}); "
             "run `bash benches/setup_llama_cpp.sh` (downloads the llama-cpp-python sdist from PyPI, "
-            "builds llama-bench and llama-quantize: ~12 min on 2 cores)"
+            "builds llama-bench, llama-quantize and llama-server: ~20 min on 2 cores)"
         )
     return True, ""
 
