@@ -187,6 +187,8 @@ void linear_as(const float* x, const typename W::Elem* w, float* y, int64_t T, i
 // summation order). Row r of the tile starts at row pointer w + r * row_bytes.
 
 using I32Vec = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+using I8Vec = int8_t __attribute__((vector_size(kLanes)));
+using U8Vec = uint8_t __attribute__((vector_size(kLanes)));
 
 // kLanes bytes widened to int32 lanes (vpmovsxbd / vpmovzxbd) with intrinsics: the compiler
 // scalarizes a generic byte-vector conversion. (GCC 12's avx512fintrin.h trips
@@ -196,15 +198,24 @@ using I32Vec = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
 inline I32Vec widen_signed_bytes(const void* p) {
 #if defined(__AVX512F__)
   return reinterpret_cast<I32Vec>(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
-#else
+#elif defined(__AVX2__)
   return reinterpret_cast<I32Vec>(_mm256_cvtepi8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p))));
+#else
+  // Baseline x86-64 (MC_NATIVE=OFF): the generic conversion, slow but correct.
+  I8Vec raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  return __builtin_convertvector(raw, I32Vec);
 #endif
 }
 inline I32Vec widen_unsigned_bytes(const void* p) {
 #if defined(__AVX512F__)
   return reinterpret_cast<I32Vec>(_mm512_cvtepu8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
-#else
+#elif defined(__AVX2__)
   return reinterpret_cast<I32Vec>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p))));
+#else
+  U8Vec raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  return __builtin_convertvector(raw, I32Vec);
 #endif
 }
 #pragma GCC diagnostic pop
