@@ -148,13 +148,13 @@ void linear_as(const float* x, const typename W::Elem* w, float* y, int64_t T, i
   // machine a barrier can wait a whole scheduler slice for a descheduled thread).
   const bool parallel = T * N * K >= (int64_t{1} << 18);
   if (T == 1) {
-    // Decode at batch 1. While x (K floats) fits in L1 beside the weight stream, one row at a
-    // time (kChains FMAs in flight): each thread then reads its rows as one sequential stream,
-    // which the hardware prefetchers serve best (measured on a 2-core Zen 5, one thread, 7B
-    // shapes with K = 4096: bf16 at 0.9-1.0x the f32 kernel's GB/s, where eight interleaved
-    // rows reached 0.8x). Beyond that, re-reading x from L2 for every row costs more: six rows
-    // share each x load (24 accumulators in registers).
-    constexpr int64_t kOneRowMaxK = 6144;  // 24 KiB of x
+    // Decode at batch 1. While x (K floats) takes at most a third of L1 beside the weight
+    // stream, one row at a time (kChains FMAs in flight): each thread then reads its rows as
+    // one sequential stream, which the hardware prefetchers serve best (measured on a 2-core
+    // Zen 5, one thread, K = 512-4096: bf16 at 1.1-1.6x the GB/s of eight interleaved rows).
+    // Beyond that (K = 5632 measured slower one row at a time), re-reading x from L2 for every
+    // row costs more: six rows share each x load (24 accumulators in registers).
+    constexpr int64_t kOneRowMaxK = 4096;  // 16 KiB of x
     if (K <= kOneRowMaxK)
       decode_tiles<W, 1>(x, w, y, N, K, parallel);
     else
