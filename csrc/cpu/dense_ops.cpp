@@ -141,7 +141,7 @@ void decode_tiles(const float* x, const typename W::Elem* w, float* y, int64_t N
 
 template <typename W>
 void linear_as(const float* x, const typename W::Elem* w, float* y, int64_t T, int64_t N, int64_t K) {
-  constexpr int kRows = 2;
+  constexpr int kRows = 4;
   constexpr int kTok = 2;
   const int64_t row_blocks = (N + kRows - 1) / kRows;
   // Below ~256k multiply-adds a parallel region costs more than it saves (and on a busy
