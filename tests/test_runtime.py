@@ -201,6 +201,22 @@ def test_cpu_linear_any_weight_format(T, N, K, wdtype):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,N,K", [(1, 13, 4096 - 64 + 16 + 5), (1, 20, 4096 + 48 + 3), (1, 9, 4096), (3, 7, 100), (2, 5, 33)])
+def test_cpu_linear_half_weights_equal_f32_upcast_bitwise(T, N, K, wdtype):
+    """bf16 / f16 weights widen exactly and sum in the f32 kernel's order: the same bits as the
+    f32 linear over the upcast matrix, in the one-row decode tiles (K <= 4096), the six-row ones
+    (longer rows; N leaves edge rows) and the batched ones; and a token's row is the same at
+    batch 1 as inside the batch. (K's remainders: whole 4-block groups, 1-3 blocks, scalars.)"""
+    x = _rand(T, K, seed=T * 31 + K)
+    w = _rand(N, K, seed=N * 3 + K, dtype=wdtype)
+    y = ops.linear(x, w)
+    assert torch.equal(y, ops.linear(x, w.float()))
+    assert torch.equal(y[-1:], ops.linear(x[-1:].contiguous(), w))
+    ref = (x.double() @ w.double().T).float()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
 def test_cpu_rms_norm_fused_residual():
     T, D = 9, 33
     residual = _rand(T, D, seed=1)
