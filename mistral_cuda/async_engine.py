@@ -407,6 +407,10 @@ class AsyncEngine:
 
     def _step(self, scheduler: _C.Scheduler, live: Dict[int, Tuple[_Tracked, int]]) -> None:
         updates = scheduler.step()
+        self._generation_tokens += sum(1 for update in updates if update[0] in live)
+        # Before any token is posted: a client that has seen this step's tokens (and sends its
+        # next request) finds the counts (running, free blocks) of this step, not the last one's.
+        self._record_stats(scheduler)
         if not updates and scheduler.stats["last_batch_tokens"] == 0:
             raise _C.CacheFullError(
                 "no request could be scheduled: the KV cache is held by sequences outside the scheduler"
@@ -417,7 +421,6 @@ class AsyncEngine:
             entry = live.get(core_id)
             if entry is None:
                 continue
-            self._generation_tokens += 1
             tracked, sample = entry
             request = tracked.requests[sample]
             request.on_token(token, logprob, rank, top, finish, stop_token)
