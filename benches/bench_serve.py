@@ -299,15 +299,19 @@ def main() -> None:
     # is reported (the machine may be shared: a burst of other work then hits all alike).
     runs, offline_runs, llama_runs = [], [], []
     try:
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             runs.append(asyncio.run(run_load(base_url, "bench", requests, args.max_concurrency, args.request_rate,
                                              args.seed)))
+            print(f"[{repeat + 1}/{args.repeats}] mistral_cuda serve: {runs[-1][1]:.1f} s", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             offline = engine.generate([req[0] for req in requests], params)
             offline_runs.append((offline, time.perf_counter() - t0))
+            print(f"[{repeat + 1}/{args.repeats}] offline Engine: {offline_runs[-1][1]:.1f} s", file=sys.stderr, flush=True)
             if llama is not None:
                 llama_runs.append(asyncio.run(run_load(llama[1], "bench", requests, args.max_concurrency,
                                                        args.request_rate, args.seed)))
+                print(f"[{repeat + 1}/{args.repeats}] llama-server: {llama_runs[-1][1]:.1f} s", file=sys.stderr,
+                      flush=True)
     finally:
         for server in (proc, llama[0] if llama else None):
             if server is not None:
