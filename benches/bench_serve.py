@@ -36,6 +36,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import List
@@ -156,12 +157,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn(command: list) -> subprocess.Popen:
+    """A server process whose output goes to a temporary file (a pipe nobody reads would fill
+    and block it: llama-server logs every request), kept as proc.log."""
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
 def wait_healthy(proc: subprocess.Popen, url: str, what: str, timeout: float = 300) -> None:
     """Until GET /health answers 200 (both servers answer 503 while they load), bounded."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"{what} exited: {proc.stderr.read()[-2000:]}")
+            proc.log.seek(0)
+            raise SystemExit(f"{what} exited: {proc.log.read()[-2000:]}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return
@@ -180,7 +191,7 @@ def start_server(args) -> tuple:
                "--max-num-seqs", str(args.max_num_seqs)]
     if args.num_blocks:
         command += ["--num-blocks", str(args.num_blocks)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = spawn(command)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(proc, url, "mistral-cuda serve")
     return proc, url
@@ -199,7 +210,7 @@ def start_llama_server(args, gguf, threads: int) -> tuple:
     command = [str(lcp.server_binary()), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                "-np", str(slots), "-c", str(slots * slot_context), "-t", str(threads), "-tb", str(threads),
                "--no-webui"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = spawn(command)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(proc, url, "llama-server")
     return proc, url
@@ -316,7 +327,11 @@ def main() -> None:
         for server in (proc, llama[0] if llama else None):
             if server is not None:
                 server.terminate()
-                server.wait(30)
+                try:
+                    server.wait(30)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait(30)
     results, elapsed = min(runs, key=lambda run: run[1])
     offline, offline_s = min(offline_runs, key=lambda run: run[1])
     ours = summarize(results, elapsed, requests)
